@@ -1,0 +1,39 @@
+# mergescale: `make run` runs the default workflow, `make test` the whole test suite.
+# Both create .venv and install the pinned stack (constraints.txt) on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= config/config.yaml
+CORES ?= all
+
+.PHONY: run test report dryrun clean-results help
+
+help:
+	@echo "make run     - install (first time) and run the default workflow ($(CONFIG))"
+	@echo "make test    - install (first time) and run the whole test suite"
+	@echo "make report  - rebuild tables, figures and results/report.html from existing scores"
+	@echo "make dryrun  - print the jobs the workflow would run"
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
+
+dryrun: $(STAMP)
+	$(BIN)/snakemake -n --configfile $(CONFIG)
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --allowed-rules aggregate plot all
+	$(BIN)/snakemake --configfile $(CONFIG) --report results/report.html
+
+test: $(STAMP)
+	$(BIN)/pytest -ra
+
+clean-results:
+	rm -rf results .snakemake

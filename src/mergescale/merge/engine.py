@@ -1,0 +1,295 @@
+"""The streaming merge engine.
+
+run_merge reads one parameter tensor at a time from every input checkpoint, merges it
+with the method's per-tensor function in float32, and appends the result to the output
+shard being written, so memory holds a few tensors per expert, never whole models:
+
+    validate inputs (headers, configs, names, shapes, dtypes)   -- nothing written yet
+    for each tensor name (reference storage order):
+        read base + experts (a reader thread fetches the next tensor meanwhile)
+        check finite -> to device, float32 -> method(...) -> output dtype -> shard file
+    copy config/tokenizer files, write merge_card.json + README.md
+    os.replace(temporary sibling directory, out_dir)
+
+Any error removes the temporary directory, so out_dir either is complete or absent.
+Randomised methods get a generator seeded from (seed, tensor name): results do not
+depend on iteration order, prefetching or thread count of the reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mergescale.merge import card as card_module
+from mergescale.merge.checkpoint import Checkpoint
+from mergescale.merge.errors import MergeInputError
+from mergescale.merge.ops import tensor_seed
+from mergescale.merge.output import ShardedWriter, copy_model_files
+from mergescale.merge.registry import MergeMethod, get_method, validate_params
+from mergescale.merge.safetensors_io import PlannedTensor
+from mergescale.merge.validation import check_configs, check_finite, check_tensors
+
+log = logging.getLogger("mergescale.merge")
+
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
+# Prefetch the next tensor only when it is at most this big, to bound memory.
+PREFETCH_MAX_BYTES = 256 * 2**20
+
+
+@dataclass
+class MergeRequest:
+    """Everything that determines a merge. Paths may be str or Path.
+
+    dtype: output dtype for floating tensors ("float32", "bfloat16", "float16"), or None
+        to keep each tensor's input dtype.
+    params: global hyperparameters, plus per-expert ones applying to every expert.
+    expert_params: per-expert overrides, one dict per expert (or None).
+    """
+
+    method: str
+    experts: list[Path]
+    out_dir: Path
+    base: Path | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    expert_params: list[dict[str, Any]] | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    threads: int | None = None
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    allow_pickle: bool = False
+    overwrite: bool = False
+    prefetch: bool = True
+    progress: bool | None = None  # None: a bar only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        self.experts = [Path(p) for p in self.experts]
+        self.out_dir = Path(self.out_dir)
+        self.base = Path(self.base) if self.base is not None else None
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    card: dict[str, Any]
+
+
+def _check_request(req: MergeRequest, method: MergeMethod) -> None:
+    if not req.experts:
+        raise MergeInputError("no experts given")
+    n = len(req.experts)
+    if n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
+        wanted = (
+            f"exactly {method.min_experts}" if method.min_experts == method.max_experts
+            else f"at least {method.min_experts}" + (f" and at most {method.max_experts}" if method.max_experts else "")
+        )
+        raise MergeInputError(f"{method.name} merges {wanted} experts, got {n}")
+    if method.needs_base and req.base is None:
+        raise MergeInputError(f"{method.name} needs a base model (base_model)")
+    if req.dtype is not None and req.dtype not in OUTPUT_DTYPES:
+        raise MergeInputError(f"dtype {req.dtype!r} is not one of {sorted(OUTPUT_DTYPES)}")
+    if req.device not in ("cpu", "cuda") and not req.device.startswith("cuda:"):
+        raise MergeInputError(f"device {req.device!r}: expected 'cpu' or 'cuda'")
+    if req.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeInputError(f"device {req.device!r} requested but CUDA is not available")
+    if req.threads is not None and req.threads < 1:
+        raise MergeInputError(f"threads must be >= 1, got {req.threads}")
+    if req.max_shard_bytes < 1:
+        raise MergeInputError(f"max_shard_bytes must be positive, got {req.max_shard_bytes}")
+    if req.out_dir.exists() and not req.overwrite:
+        raise MergeInputError(f"{req.out_dir} already exists (pass overwrite=True to replace it)")
+    inputs = ([req.base] if req.base else []) + req.experts
+    for p in inputs:
+        if p.resolve() == req.out_dir.resolve():
+            raise MergeInputError(f"{req.out_dir}: output directory is also an input")
+
+
+class _Reader:
+    """Reads (and checks) every input's copy of one tensor, optionally one tensor ahead."""
+
+    def __init__(self, checkpoints: list[Checkpoint], names: list[str], prefetch: bool):
+        self.checkpoints = checkpoints
+        self.names = names
+        # bytes read per tensor over all inputs, to decide whether prefetching it is cheap
+        self.sizes = [sum(torch.Size(c.shape(n)).numel() * c.dtype(n).itemsize for c in checkpoints) for n in names]
+        # one worker: reads happen in order, on one thread, so file handles are never shared
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader")
+        self._prefetch = prefetch
+        self._pending: dict[int, Future] = {}
+
+    def _load(self, i: int) -> list[torch.Tensor]:
+        name = self.names[i]
+        tensors = []
+        for c in self.checkpoints:
+            t = c.read(name)
+            check_finite(t, name, c)
+            tensors.append(t)
+        return tensors
+
+    def get(self, i: int) -> list[torch.Tensor]:
+        future = self._pending.pop(i, None) or self._pool.submit(self._load, i)
+        nxt = i + 1
+        if self._prefetch and nxt < len(self.names) and self.sizes[nxt] <= PREFETCH_MAX_BYTES:
+            self._pending[nxt] = self._pool.submit(self._load, nxt)
+        return future.result()
+
+    def close(self) -> None:
+        for f in self._pending.values():
+            f.cancel()
+        self._pool.shutdown(wait=True)
+
+
+def _merge_one(
+    method: MergeMethod,
+    tensors: list[torch.Tensor],
+    has_base: bool,
+    expert_params: list[dict],
+    params: dict,
+    seed: int,
+    name: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """Merge one tensor: returns float32 on `device`."""
+    tensors = [t.to(device, non_blocking=True) for t in tensors]
+    base = tensors[0] if has_base else None
+    experts = tensors[1:] if has_base else tensors
+    generator = None
+    if method.randomised:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(tensor_seed(seed, name))
+    try:
+        merged = method.function(base, experts, expert_params, params, generator, name)
+    except MergeInputError as e:
+        raise MergeInputError(f"{method.name}, tensor {name!r}: {e}") from e
+    if tuple(merged.shape) != tuple(experts[0].shape):
+        raise RuntimeError(f"{method.name} returned shape {list(merged.shape)} for {name!r}")
+    if not bool(torch.isfinite(merged).all()):
+        raise MergeInputError(
+            f"{method.name} produced NaN/Inf for tensor {name!r}; check the hyperparameters"
+        )
+    return merged
+
+
+def run_merge(req: MergeRequest) -> MergeResult:
+    """Merge `req.experts` (and `req.base`) into `req.out_dir`; see the module docstring."""
+    start = time.perf_counter()
+    method = get_method(req.method)
+    _check_request(req, method)
+    resolved = validate_params(method, req.params, req.expert_params, n_experts=len(req.experts))
+    out_dtype = OUTPUT_DTYPES[req.dtype] if req.dtype else None
+    device = torch.device(req.device)
+
+    has_base = req.base is not None
+    paths = ([req.base] if has_base else []) + req.experts
+    checkpoints: list[Checkpoint] = []
+    old_threads = torch.get_num_threads()
+    tmp: Path | None = None
+    reader: _Reader | None = None
+    writer: ShardedWriter | None = None
+    try:
+        for p in paths:
+            checkpoints.append(Checkpoint(p, allow_pickle=req.allow_pickle))
+        check_configs(checkpoints)
+        names = check_tensors(checkpoints)
+        ref = checkpoints[0]
+
+        def output_dtype(n: str) -> torch.dtype:
+            dt = ref.dtype(n)
+            return out_dtype if (out_dtype is not None and dt.is_floating_point) else dt
+
+        plan = [PlannedTensor(n, output_dtype(n), ref.shape(n)) for n in names]
+        if req.threads:
+            torch.set_num_threads(req.threads)
+
+        req.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{req.out_dir.name}.tmp-", dir=req.out_dir.parent))
+        writer = ShardedWriter(tmp, plan, req.max_shard_bytes)
+        reader = _Reader(checkpoints, names, req.prefetch)
+        log.info("merging %d tensors of %d inputs with %s into %s", len(names), len(paths), method.name, req.out_dir)
+        n_parameters = 0
+        bar = tqdm(total=len(names), unit="tensor", desc=f"merge {method.name}", file=sys.stderr,
+                   disable=None if req.progress is None else not req.progress)
+        for i, (name, planned) in enumerate(zip(names, plan)):
+            tensors = reader.get(i)
+            if tensors[0].is_floating_point():
+                merged = _merge_one(method, tensors, has_base, resolved.expert_params, resolved.params,
+                                    req.seed, name, device)
+            else:  # integer buffers (e.g. position ids) are not merged: copy the reference
+                merged = tensors[0]
+            del tensors
+            writer.write(name, merged.to(planned.dtype).cpu())
+            n_parameters += merged.numel()
+            del merged
+            bar.update(1)
+        bar.close()
+        reader.close()
+        reader = None
+        writer.close()
+        shards = writer.names
+        copied = copy_model_files(ref.path, tmp, out_dtype)
+
+        card = {
+            "method": method.name,
+            "description": method.description,
+            "paper": method.paper,
+            "params": resolved.params,
+            "base": {"path": str(req.base.resolve())} if has_base else None,
+            "experts": [
+                {"path": str(p.resolve()), "params": ep} for p, ep in zip(req.experts, resolved.expert_params)
+            ],
+            "seed": req.seed,
+            "dtype": req.dtype or "as input",
+            "device": req.device,
+            "threads": torch.get_num_threads(),
+            "n_tensors": len(names),
+            "n_parameters": n_parameters,
+            "output_bytes": writer.total_bytes,
+            "shards": shards,
+            "copied_files": copied,
+            "versions": card_module.library_versions(),
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(time.perf_counter() - start, 3),
+            "peak_rss_bytes": card_module.peak_rss_bytes(),
+        }
+        card_module.write_card(tmp, card)
+        _install(tmp, req.out_dir, req.overwrite)
+        tmp = None
+        log.info("merged %s in %.1f s", req.out_dir, card["wall_time_s"])
+        return MergeResult(req.out_dir, card)
+    finally:
+        if reader is not None:
+            reader.close()
+        if writer is not None and tmp is not None:
+            writer.abort()
+        for c in checkpoints:
+            c.close()
+        torch.set_num_threads(old_threads)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished directory into place; an old out_dir goes only after that."""
+    if out_dir.exists():
+        if not overwrite:
+            raise MergeInputError(f"{out_dir} appeared while merging; not replacing it")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)

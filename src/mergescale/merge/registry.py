@@ -1,0 +1,299 @@
+"""Registry of merge methods and their hyperparameter schemas.
+
+A method is registered once, with the decorator `register_method`, in the file that
+implements it; `mergescale.merge` imports every file under `merge/methods/`, so the
+registry is complete as soon as the package is imported. The workflow, the CLI
+(`mergescale methods --json`) and the docs all read this one registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from mergescale.merge.errors import MergeInputError
+
+_TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}
+
+
+class TensorMergeFn(Protocol):
+    """The per-tensor contract every method implements.
+
+    base: the base model's tensor (None when the method needs no base and none is given).
+    experts: one tensor per expert, same shape as base; any float dtype (methods compute
+        in float32 via `ops.f32`).
+    expert_params: one dict of per-expert hyperparameters per expert, defaults filled.
+    params: global hyperparameters, defaults filled.
+    generator: seeded from (seed, tensor name) for randomised methods, else None.
+    name: the tensor's name (e.g. "model.layers.3.mlp.up_proj.weight").
+    Returns the merged tensor in float32, same shape as the inputs.
+    """
+
+    def __call__(
+        self,
+        base: torch.Tensor | None,
+        experts: list[torch.Tensor],
+        expert_params: list[dict[str, Any]],
+        params: dict[str, Any],
+        generator: torch.Generator | None,
+        name: str,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter: its type, default and admissible range.
+
+    `low`/`high` bound numeric values (None = unbounded); `*_inclusive` says whether
+    the bound itself is allowed. `per_expert` hyperparameters may differ per expert
+    (mergekit's per-model `parameters:`); a value given globally applies to every expert.
+    """
+
+    name: str
+    type: str  # one of "float", "int", "bool", "str"
+    default: Any
+    description: str
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    per_expert: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in _TYPES:
+            raise TypeError(f"hyperparameter {self.name!r}: unknown type {self.type!r}")
+        # A schema whose own default is invalid is a programming error: fail at import.
+        if self.default is not None:
+            self.check(self.default, where="default")
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """Return `value` coerced to this type, or raise MergeInputError naming the key."""
+        label = f"{where}{'.' if where else ''}{self.name}"
+        if self.type == "bool":
+            if not isinstance(value, bool):
+                raise MergeInputError(f"{label}: expected true/false, got {value!r}")
+            return value
+        if self.type == "str":
+            if not isinstance(value, str):
+                raise MergeInputError(f"{label}: expected a string, got {value!r}")
+            if self.choices is not None and value not in self.choices:
+                raise MergeInputError(f"{label}: {value!r} is not one of {list(self.choices)}")
+            return value
+        # Numbers: bool is an int subclass in Python, refuse it explicitly.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MergeInputError(f"{label}: expected a number, got {value!r}")
+        if self.type == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise MergeInputError(f"{label}: expected an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise MergeInputError(f"{label}: must be finite, got {value!r}")
+        if self.low is not None:
+            bad = value < self.low if self.low_inclusive else value <= self.low
+            if bad:
+                raise MergeInputError(f"{label}={value!r} is outside {self.range_text()}")
+        if self.high is not None:
+            bad = value > self.high if self.high_inclusive else value >= self.high
+            if bad:
+                raise MergeInputError(f"{label}={value!r} is outside {self.range_text()}")
+        return value
+
+    def range_text(self) -> str:
+        if self.choices is not None:
+            return "{" + ", ".join(self.choices) + "}"
+        if self.low is None and self.high is None:
+            return "any"
+        lo = "(-inf" if self.low is None else ("[" if self.low_inclusive else "(") + f"{self.low:g}"
+        hi = "inf)" if self.high is None else f"{self.high:g}" + ("]" if self.high_inclusive else ")")
+        return f"{lo}, {hi}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "default": self.default,
+            "range": self.range_text(),
+            "low": self.low,
+            "high": self.high,
+            "low_inclusive": self.low_inclusive,
+            "high_inclusive": self.high_inclusive,
+            "choices": list(self.choices) if self.choices else None,
+            "per_expert": self.per_expert,
+            "description": self.description,
+        }
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: the per-tensor function plus what it needs."""
+
+    name: str
+    function: TensorMergeFn
+    hyperparameters: tuple[Hyperparameter, ...]
+    needs_base: bool
+    randomised: bool
+    paper: str
+    description: str
+    # Experts the method accepts: mergekit's slerp merges exactly two models.
+    min_experts: int = 1
+    max_experts: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def hyperparameter(self, key: str) -> Hyperparameter | None:
+        return next((h for h in self.hyperparameters if h.name == key), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "paper": self.paper,
+            "needs_base": self.needs_base,
+            "randomised": self.randomised,
+            "min_experts": self.min_experts,
+            "max_experts": self.max_experts,
+            "hyperparameters": [h.to_dict() for h in self.hyperparameters],
+        }
+
+
+_METHODS: dict[str, MergeMethod] = {}
+
+
+def register_method(
+    *,
+    name: str,
+    hyperparameters: list[Hyperparameter] | tuple[Hyperparameter, ...] = (),
+    needs_base: bool,
+    randomised: bool = False,
+    paper: str,
+    description: str,
+    min_experts: int = 1,
+    max_experts: int | None = None,
+) -> Callable[[TensorMergeFn], TensorMergeFn]:
+    """Decorator: register `function` under `name`. A second registration of a name raises."""
+
+    names = [h.name for h in hyperparameters]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ValueError(f"method {name!r}: hyperparameter(s) declared twice: {sorted(duplicates)}")
+
+    def decorate(function: TensorMergeFn) -> TensorMergeFn:
+        if name in _METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        _METHODS[name] = MergeMethod(
+            name=name,
+            function=function,
+            hyperparameters=tuple(hyperparameters),
+            needs_base=needs_base,
+            randomised=randomised,
+            paper=paper,
+            description=description,
+            min_experts=min_experts,
+            max_experts=max_experts,
+        )
+        return function
+
+    return decorate
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method registered as `name`; unknown names raise with close matches."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_METHODS), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise MergeInputError(
+            f"unknown merge method {name!r}.{hint} Known methods: {', '.join(sorted(_METHODS))}"
+        ) from None
+
+
+def list_methods() -> list[MergeMethod]:
+    """Every registered method, sorted by name."""
+    return [_METHODS[n] for n in sorted(_METHODS)]
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    """Hyperparameters after validation: globals and one dict per expert, defaults filled."""
+
+    params: dict[str, Any]
+    expert_params: list[dict[str, Any]]
+
+
+def validate_params(
+    method: MergeMethod | str,
+    params: dict[str, Any] | None,
+    expert_params: list[dict[str, Any]] | None = None,
+    n_experts: int | None = None,
+) -> ResolvedParams:
+    """Check hyperparameters against `method`'s schema and fill defaults.
+
+    `params` holds global hyperparameters and, for per-expert ones, a value that applies
+    to every expert; `expert_params[i]` overrides per-expert values for expert i.
+    Unknown keys, wrong types and out-of-range values raise MergeInputError naming the
+    key (and the expert index).
+    """
+    if isinstance(method, str):
+        method = get_method(method)
+    params = dict(params or {})
+    if expert_params is None:
+        expert_params = [{} for _ in range(n_experts or 0)]
+    if n_experts is not None and len(expert_params) != n_experts:
+        raise MergeInputError(
+            f"{len(expert_params)} per-expert parameter sets given for {n_experts} experts"
+        )
+    known = {h.name for h in method.hyperparameters}
+
+    def unknown(key: str, where: str) -> MergeInputError:
+        close = difflib.get_close_matches(key, list(known), n=2, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        allowed = ", ".join(sorted(known)) or "none"
+        return MergeInputError(
+            f"{where}{key!r} is not a hyperparameter of {method.name}{hint}; allowed: {allowed}"
+        )
+
+    for key in params:
+        if key not in known:
+            raise unknown(key, "")
+    resolved_global: dict[str, Any] = {}
+    for h in method.hyperparameters:
+        if h.per_expert:
+            if h.name in params:  # a value for every expert: check it even with no experts
+                h.check(params[h.name])
+            continue
+        value = params.get(h.name, h.default)
+        if value is None:
+            raise MergeInputError(f"{method.name}: hyperparameter {h.name!r} is required")
+        resolved_global[h.name] = h.check(value)
+
+    resolved_experts: list[dict[str, Any]] = []
+    for i, given in enumerate(expert_params):
+        where = f"experts[{i}]."
+        entry: dict[str, Any] = {}
+        for key in given:
+            h = method.hyperparameter(key)
+            if h is None:
+                raise unknown(key, where)
+            if not h.per_expert:
+                raise MergeInputError(
+                    f"{where}{key}: {key!r} is a global hyperparameter of {method.name}; "
+                    "set it once under the method's parameters"
+                )
+        for h in method.hyperparameters:
+            if not h.per_expert:
+                continue
+            value = given.get(h.name, params.get(h.name, h.default))
+            if value is None:
+                raise MergeInputError(
+                    f"{where}{h.name}: {method.name} needs {h.name!r} for every expert"
+                )
+            entry[h.name] = h.check(value, where=where.rstrip("."))
+        resolved_experts.append(entry)
+    return ResolvedParams(params=resolved_global, expert_params=resolved_experts)

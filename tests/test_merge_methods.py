@@ -1,0 +1,188 @@
+"""Known-answer tests for merge methods and the shared tensor operations.
+
+Expected values are worked out by hand in the comments, from the papers' definitions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergescale.merge import get_method, validate_params
+from mergescale.merge import ops
+
+
+def run(method: str, base, experts, expert_params=None, seed: int = 0, name: str = "w", **params):
+    m = get_method(method)
+    resolved = validate_params(m, params, expert_params, n_experts=len(experts))
+    gen = None
+    if m.randomised:
+        gen = torch.Generator().manual_seed(seed)
+    return m.function(base, experts, resolved.expert_params, resolved.params, gen, name)
+
+
+# -- shared operations --------------------------------------------------------------------
+def test_top_k_mask_breaks_ties_towards_lower_index():
+    scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0])
+    assert ops.top_k_mask(scores, 2).tolist() == [False, True, True, False, False]
+    assert ops.top_k_mask(scores, 0).sum() == 0
+    assert ops.top_k_mask(scores, 9).all()
+
+
+def test_top_k_masks_are_nested():
+    scores = torch.randint(0, 5, (200,)).float()  # many ties
+    for a, b in [(3, 10), (10, 57), (57, 199)]:
+        small, large = ops.top_k_mask(scores, a), ops.top_k_mask(scores, b)
+        assert int(small.sum()) == a and int(large.sum()) == b
+        assert not (small & ~large).any()
+
+
+def test_magnitude_mask_keeps_at_least_one():
+    x = torch.tensor([0.1, -5.0, 0.3])
+    assert ops.magnitude_mask(x, 0.01).tolist() == [False, True, False]
+
+
+def test_elect_sign_sum_and_count():
+    stacked = torch.tensor([[3.0, -1.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, 5.0, 0.0]])
+    # sums: 1, 3, 0 -> +, +, + (0 goes to +); counts of signs: -1, -1, 0 -> -, -, +
+    assert ops.elect_sign(stacked, "sum").tolist() == [1.0, 1.0, 1.0]
+    assert ops.elect_sign(stacked, "count").tolist() == [-1.0, -1.0, 1.0]
+
+
+def test_della_keep_probability_rises_with_rank():
+    x = torch.tensor([[1.0, -3.0, 2.0], [0.5, 0.2, -0.1]])
+    # ranks by |x| per row: [0, 2, 1] and [2, 1, 0] -> density - eps + rank/2 * 2 eps
+    p = ops.della_keep_probability(x, density=0.5, epsilon=0.1)
+    torch.testing.assert_close(p, torch.tensor([[0.4, 0.6, 0.5], [0.6, 0.5, 0.4]]))
+
+
+def test_tensor_seed_depends_on_seed_and_name():
+    assert ops.tensor_seed(0, "a") == ops.tensor_seed(0, "a")
+    assert len({ops.tensor_seed(0, "a"), ops.tensor_seed(1, "a"), ops.tensor_seed(0, "b")}) == 3
+
+
+# -- linear and task arithmetic -----------------------------------------------------------
+def test_linear_weighted_average():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    # (1*a + 3*b) / 4 = [10/4, 20/4]
+    out = run("linear", None, [a, b], [{"weight": 1.0}, {"weight": 3.0}])
+    torch.testing.assert_close(out, torch.tensor([2.5, 5.0]))
+    out = run("linear", None, [a, b], [{"weight": 1.0}, {"weight": 3.0}], normalize=False)
+    torch.testing.assert_close(out, torch.tensor([10.0, 20.0]))
+
+
+def test_linear_computes_in_float32_from_bfloat16():
+    a = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    out = run("linear", None, [a, a])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, a.float())
+
+
+def test_task_arithmetic():
+    base = torch.tensor([1.0, 1.0, 1.0])
+    e1, e2 = torch.tensor([2.0, 1.0, 0.0]), torch.tensor([1.0, 3.0, 1.0])
+    # tau1 = [1, 0, -1], tau2 = [0, 2, 0]; base + 0.5 * (2*tau1 + 1*tau2) = [2, 2, 0]
+    out = run("task_arithmetic", base, [e1, e2], [{"weight": 2.0}, {"weight": 1.0}], **{"lambda": 0.5})
+    torch.testing.assert_close(out, torch.tensor([2.0, 2.0, 0.0]))
+
+
+def test_ties_hand_worked_2x3():
+    base = torch.ones(2, 3)
+    tau1 = torch.tensor([[3.0, -1.0, 0.5], [-2.0, 4.0, 1.0]])
+    tau2 = torch.tensor([[-1.0, -2.0, 2.0], [1.0, -3.0, 0.2]])
+    # Trim to density 0.5 (3 of 6 by magnitude):
+    #   tau1 -> [[3, 0, 0], [-2, 4, 0]]   tau2 -> [[0, -2, 2], [0, -3, 0]]
+    # Elect sign of the sum [[3, -2, 2], [-2, 1, 0]] -> [[+, -, +], [-, +, +]]
+    # Disjoint mean of agreeing entries (tau2's -3 at (1,1) disagrees):
+    #   [[3, -2, 2], [-2, 4, 0]]
+    out = run("ties", base, [base + tau1, base + tau2], density=0.5)
+    torch.testing.assert_close(out, base + torch.tensor([[3.0, -2.0, 2.0], [-2.0, 4.0, 0.0]]))
+
+
+def test_ties_weights_and_lambda():
+    base = torch.zeros(4)
+    tau1, tau2 = torch.tensor([2.0, -1.0, 1.0, 0.0]), torch.tensor([4.0, 3.0, -1.0, 0.0])
+    # density 1: weighted w1=1, w2=3: [2, -1, 1, 0] and [12, 9, -3, 0]; sums [14, 8, -2, 0]
+    # signs [+, +, -, +]; agreeing: (0): both -> (2+12)/(1+3)=3.5; (1): only e2 -> 9/3=3;
+    # (2): only e2 -> -3/3=-1; (3): none -> 0. lambda 2 doubles.
+    out = run("ties", base, [tau1, tau2], [{"weight": 1.0}, {"weight": 3.0}], **{"lambda": 2.0})
+    torch.testing.assert_close(out, torch.tensor([7.0, 6.0, -2.0, 0.0]))
+
+
+def test_dare_linear_is_unbiased_and_rescaled():
+    base = torch.zeros(200_000)
+    expert = torch.ones(200_000)
+    out = run("dare_linear", base, [expert], density=0.25, seed=3)
+    values = set(out.unique().tolist())
+    assert values <= {0.0, 4.0}  # kept entries rescaled by 1/0.25
+    kept = (out != 0).float().mean().item()
+    assert abs(kept - 0.25) < 0.01
+    assert abs(out.mean().item() - 1.0) < 0.03  # E[mask/density * tau] = tau
+
+
+def test_dare_density_one_equals_task_arithmetic():
+    torch.manual_seed(0)
+    base, e1, e2 = torch.randn(3, 5, 7).unbind(0)
+    torch.testing.assert_close(run("dare_linear", base, [e1, e2]), run("task_arithmetic", base, [e1, e2]))
+
+
+def test_dare_ties_single_expert_and_seed():
+    torch.manual_seed(0)
+    base, e1 = torch.randn(2, 1000).unbind(0)
+    a = run("dare_ties", base, [e1], density=0.5, seed=1)
+    b = run("dare_ties", base, [e1], density=0.5, seed=1)
+    c = run("dare_ties", base, [e1], density=0.5, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    delta = a - base
+    kept = delta != 0
+    # one expert: every kept entry agrees with itself, so delta = tau / density there
+    torch.testing.assert_close(delta[kept], ((e1 - base) / 0.5)[kept])
+
+
+def test_dare_ties_elects_signs():
+    base = torch.zeros(3)
+    e1, e2 = torch.tensor([1.0, -4.0, 2.0]), torch.tensor([-3.0, 1.0, 2.0])
+    # density 1 (no drop), no normalize: sums [-2, -3, 4] -> signs [-, -, +];
+    # kept: (0) e2 -> -3; (1) e1 -> -4; (2) both -> 4
+    out = run("dare_ties", base, [e1, e2])
+    torch.testing.assert_close(out, torch.tensor([-3.0, -4.0, 4.0]))
+
+
+def test_breadcrumbs_drops_outliers_and_small_values():
+    base = torch.zeros(10)
+    tau = torch.arange(1.0, 11.0)  # 1..10
+    # density 0.5 keeps 5, gamma 0.1 drops the largest 1: keep 5..9
+    out = run("breadcrumbs", base, [tau], density=0.5, gamma=0.1)
+    torch.testing.assert_close(out, torch.tensor([0, 0, 0, 0, 5, 6, 7, 8, 9, 0.0]))
+
+
+def test_breadcrumbs_ties_combines_band_and_sign():
+    base = torch.zeros(4)
+    e1 = torch.tensor([1.0, 2.0, -3.0, 100.0])
+    e2 = torch.tensor([-5.0, 1.0, 2.0, 0.5])
+    # density 0.5 (2 of 4), gamma 0.25 (drop top 1): e1 keeps |2|,|-3| -> [0, 2, -3, 0]
+    # e2 keeps |2|,|1| -> [0, 1, 2, 0]; sums [0, 3, -1, 0] -> signs [+, +, -, +]
+    # (1): 2 + 1 = 3; (2): only e1 -> -3; no normalize
+    out = run("breadcrumbs_ties", base, [e1, e2], density=0.5, gamma=0.25)
+    torch.testing.assert_close(out, torch.tensor([0.0, 3.0, -3.0, 0.0]))
+
+
+def test_della_keeps_by_rank_and_rescales():
+    torch.manual_seed(0)
+    base = torch.zeros(1, 50_000)
+    tau = torch.linspace(0.01, 1.0, 50_000).reshape(1, -1)
+    out = run("della_linear", base, [tau], density=0.5, epsilon=0.4, seed=5)
+    kept = out != 0
+    # keep probability rises from 0.1 (smallest) to 0.9 (largest)
+    assert kept[0, :5000].float().mean() < 0.2 and kept[0, -5000:].float().mean() > 0.8
+    # kept entries are divided by their own probability; expectation is unchanged
+    p = ops.della_keep_probability(tau, 0.5, 0.4)
+    torch.testing.assert_close(out[kept], (tau / p)[kept])
+    assert abs(out.sum().item() / tau.sum().item() - 1) < 0.02
+
+
+def test_della_rejects_bad_epsilon():
+    from mergescale.merge import MergeInputError
+
+    with pytest.raises(MergeInputError, match="epsilon"):
+        run("della", torch.zeros(4, 4), [torch.ones(4, 4)], density=0.1, epsilon=0.2)

@@ -1,0 +1,21 @@
+rule make_task_data:
+    output:
+        expand("results/data/{{task}}/{split}.jsonl", split=SPLITS),
+    log:
+        "results/logs/make_task_data/{task}.log",
+    params:
+        sizes=config["data"]["sizes"],
+        seed=config["seed"],
+    script:
+        "../scripts/make_task_data.py"
+
+
+rule render_task:
+    input:
+        "results/data/{task}/{split}.jsonl",
+    output:
+        "results/tasks/{task}_{split}.yaml",
+    log:
+        "results/logs/render_task/{task}_{split}.log",
+    script:
+        "../scripts/render_task.py"

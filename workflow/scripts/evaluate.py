@@ -1,0 +1,19 @@
+from pathlib import Path
+
+from mergescale.evaluate import EvalRequest, evaluate_and_save
+from mergescale.script_log import log_to
+from mergescale.stages import set_threads
+
+with log_to(snakemake.log[0]) as log:
+    set_threads(snakemake.threads)
+    p = snakemake.params
+    request = EvalRequest(
+        model_dir=Path(snakemake.input.model),
+        task_dir=Path(snakemake.input.tasks[0]).parent,
+        tasks=tuple(tuple(t) for t in p.tasks),
+        backend=p.backend,
+        batch_size=p.batch_size,
+        limit=p.limit,
+        seed=p.seed,
+    )
+    evaluate_and_save(request, Path(snakemake.output[0]), log=log)

@@ -1,0 +1,10 @@
+from pathlib import Path
+
+from mergescale.script_log import log_to
+from mergescale.stages import finetune, set_threads
+
+with log_to(snakemake.log[0]) as log:
+    set_threads(snakemake.threads)
+    data = {k: Path(v) for k, v in snakemake.input.items() if k != "base"}
+    finetune(Path(snakemake.input.base), dict(snakemake.params.train), data,
+             Path(snakemake.output[0]), stage=snakemake.params.stage, log=log)

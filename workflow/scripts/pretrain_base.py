@@ -1,0 +1,10 @@
+from pathlib import Path
+
+from mergescale.script_log import log_to
+from mergescale.stages import pretrain_base, set_threads
+
+with log_to(snakemake.log[0]) as log:
+    set_threads(snakemake.threads)
+    data = {k: Path(v) for k, v in snakemake.input.items()}
+    pretrain_base(snakemake.params.shape, dict(snakemake.params.train), data,
+                  Path(snakemake.output[0]), log=log)

@@ -1,0 +1,10 @@
+from pathlib import Path
+
+from mergescale.script_log import log_to
+from mergescale.tasks import write_task_yaml
+
+with log_to(snakemake.log[0]) as log:
+    wc = snakemake.wildcards
+    # The data path stays relative to the working directory, where lm-eval runs.
+    write_task_yaml(wc.task, wc.split, snakemake.input[0], Path(snakemake.output[0]))
+    log(f"wrote {snakemake.output[0]}")
