@@ -40,6 +40,7 @@ SLURMD_PORT=${LOCAL_SLURM_SLURMD_PORT:-6818}
 TIMEOUT=${LOCAL_SLURM_TIMEOUT:-60}
 
 CONF=$STATE_DIR/slurm.conf
+MARKER=$STATE_DIR/.local_slurm   # marks a directory this script may clean up
 PID_DIR=$STATE_DIR/pids
 LOG_DIR=$STATE_DIR/log
 SAVE_DIR=$STATE_DIR/state
@@ -51,6 +52,9 @@ SPOOL_DIR=$STATE_DIR/spool
 RUN_CONF=/run/slurm/conf/slurm.conf
 MUNGE_SOCKET=/run/munge/munge.socket.2
 MUNGE_KEY=/etc/munge/munge.key
+# copy of the pid of a munged started by this script, kept outside the state
+# dir so that `stop` still finds it if the state dir was wiped
+MUNGE_PIDCOPY=/run/munge/local_slurm-munged.pid
 
 export SLURM_CONF=$CONF
 
@@ -102,8 +106,8 @@ ensure_packages() {
 # ------------------------------------------------------------ pid handling --
 # A pid file only counts if the process is alive and its executable name is
 # the expected one (guards against pid reuse after a reboot or a crash).
-pid_of() {  # pid_of NAME -> prints pid if NAME's recorded process is alive
-    local name=$1 f=$PID_DIR/$1.pid pid comm
+pid_of() {  # pid_of FILE [NAME] -> pid in $PID_DIR/FILE.pid if alive and named NAME (default FILE)
+    local name=${2:-$1} f=$PID_DIR/$1.pid pid comm
     [[ -f $f ]] || return 1
     pid=$(tr -dc '0-9' <"$f")
     alive "$pid" || return 1
@@ -138,8 +142,10 @@ kill_pid() {  # kill_pid NAME PID: TERM, wait up to 15 s, then KILL
 # state dir was wiped while they ran). Matched by the full config path, which
 # only our own daemons carry on their command line.
 strays_of() {  # strays_of NAME
-    local pid
-    for pid in $(pgrep -x "$1" 2>/dev/null || true); do
+    local d pid
+    for d in /proc/[0-9]*; do
+        pid=${d#/proc/}
+        [[ $(cat "$d/comm" 2>/dev/null) == "$1" ]] || continue
         alive "$pid" || continue
         tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-f $CONF " && echo "$pid"
     done
@@ -178,17 +184,21 @@ do_stop() {
         done
     done
     # munged only if this script started it (pid file present)
-    if pid=$(pid_of munged); then
+    if pid=$(pid_of munged) || pid=$(PID_DIR=$(dirname "$MUNGE_PIDCOPY") pid_of local_slurm-munged munged); then
         kill_pid munged "$pid"
         stopped=1
     fi
+    rm -f "$MUNGE_PIDCOPY"
     if [[ -L $RUN_CONF && $(readlink "$RUN_CONF") == "$CONF" ]]; then
         rm -f "$RUN_CONF"
         rmdir /run/slurm/conf /run/slurm 2>/dev/null || true
     fi
-    # clean up everything start created inside the state dir
-    rm -rf "$PID_DIR" "$LOG_DIR" "$SAVE_DIR" "$SPOOL_DIR" "$CONF"
-    rmdir "$STATE_DIR" 2>/dev/null || true
+    # clean up everything start created inside the state dir (only in a
+    # directory that start set up, see MARKER)
+    if [[ -f $MARKER ]]; then
+        rm -rf "$PID_DIR" "$LOG_DIR" "$SAVE_DIR" "$SPOOL_DIR" "$CONF" "$MARKER"
+        rmdir "$STATE_DIR" 2>/dev/null || true
+    fi
     if ((stopped)); then log "stopped; removed state under $STATE_DIR"; else log "nothing was running (state dir $STATE_DIR cleaned)"; fi
 }
 
@@ -226,6 +236,7 @@ start_munge() {
         </dev/null >>"$LOG_DIR/munged.stderr" 2>&1 &
     local i pid=$!
     echo "$pid" >"$PID_DIR/munged.pid"
+    echo "$pid" >"$MUNGE_PIDCOPY"
     for ((i = 0; i < 100; i++)); do
         alive "$pid" || break
         munge_works && break
@@ -312,8 +323,12 @@ EOF
 
 # ------------------------------------------------------------------ start --
 dump_logs() {
-    local f
-    for f in "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmd.log "$LOG_DIR"/*.stderr /var/log/munge/munged.log; do
+    local name f
+    # in the foreground the slurm daemons log to both; show the log file, or
+    # stderr where they died before opening it (e.g. a config error)
+    for name in munged slurmctld slurmd; do
+        f=$LOG_DIR/$name.log
+        [[ -s $f ]] || f=$LOG_DIR/$name.stderr
         [[ -s $f ]] || continue
         printf '\n----- %s (last 40 lines) -----\n' "$f" >&2
         tail -n 40 "$f" >&2
@@ -358,8 +373,11 @@ do_start() {
     for p in "$CTLD_PORT" "$SLURMD_PORT"; do
         port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (another SLURM?); set LOCAL_SLURM_CTLD_PORT / LOCAL_SLURM_SLURMD_PORT or stop it"
     done
+    if [[ -d $STATE_DIR && ! -f $MARKER ]] && [[ -n $(ls -A "$STATE_DIR") ]]; then
+        die "$STATE_DIR is not empty and was not set up by this script; choose another LOCAL_SLURM_DIR"
+    fi
     mkdir -p "$STATE_DIR" "$PID_DIR" "$LOG_DIR" "$SAVE_DIR" "$SPOOL_DIR"
-    chmod 0755 "$STATE_DIR"
+    touch "$MARKER"
     start_munge
     write_conf
     start_daemon slurmctld slurmctld -D -f "$CONF"

@@ -177,7 +177,8 @@ def _merge_one(
         raise MergeInputError(f"{method.name}, tensor {name!r}: {e}") from e
     if tuple(merged.shape) != tuple(experts[0].shape):
         raise RuntimeError(f"{method.name} returned shape {list(merged.shape)} for {name!r}")
-    if not bool(torch.isfinite(merged).all()):
+    low, high = torch.aminmax(merged)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         raise MergeInputError(
             f"{method.name} produced NaN/Inf for tensor {name!r}; check the hyperparameters"
         )
@@ -193,8 +194,12 @@ def run_merge(req: MergeRequest) -> MergeResult:
     out_dtype = OUTPUT_DTYPES[req.dtype] if req.dtype else None
     device = torch.device(req.device)
 
-    has_base = req.base is not None
-    paths = ([req.base] if has_base else []) + req.experts
+    base_path = req.base
+    if base_path is not None and not method.uses_base:
+        log.warning("%s does not use a base model; ignoring %s", method.name, base_path)
+        base_path = None
+    has_base = base_path is not None
+    paths = ([base_path] if has_base else []) + req.experts
     checkpoints: list[Checkpoint] = []
     old_threads = torch.get_num_threads()
     tmp: Path | None = None
@@ -212,6 +217,9 @@ def run_merge(req: MergeRequest) -> MergeResult:
             return out_dtype if (out_dtype is not None and dt.is_floating_point) else dt
 
         plan = [PlannedTensor(n, output_dtype(n), ref.shape(n)) for n in names]
+        params = dict(resolved.params)
+        if method.setup is not None:
+            params.update(method.setup(names, ref.config))
         if req.threads:
             torch.set_num_threads(req.threads)
 
@@ -223,10 +231,11 @@ def run_merge(req: MergeRequest) -> MergeResult:
         n_parameters = 0
         bar = tqdm(total=len(names), unit="tensor", desc=f"merge {method.name}", file=sys.stderr,
                    disable=None if req.progress is None else not req.progress)
+        log_every = max(1, len(names) // 10)  # log lines stand in for the bar in log files
         for i, (name, planned) in enumerate(zip(names, plan)):
             tensors = reader.get(i)
             if tensors[0].is_floating_point():
-                merged = _merge_one(method, tensors, has_base, resolved.expert_params, resolved.params,
+                merged = _merge_one(method, tensors, has_base, resolved.expert_params, params,
                                     req.seed, name, device)
             else:  # integer buffers (e.g. position ids) are not merged: copy the reference
                 merged = tensors[0]
@@ -235,6 +244,8 @@ def run_merge(req: MergeRequest) -> MergeResult:
             n_parameters += merged.numel()
             del merged
             bar.update(1)
+            if bar.disable and ((i + 1) % log_every == 0 or i + 1 == len(names)):
+                log.info("merged %d/%d tensors (%.0f s)", i + 1, len(names), time.perf_counter() - start)
         bar.close()
         reader.close()
         reader = None
@@ -247,7 +258,7 @@ def run_merge(req: MergeRequest) -> MergeResult:
             "description": method.description,
             "paper": method.paper,
             "params": resolved.params,
-            "base": {"path": str(req.base.resolve())} if has_base else None,
+            "base": {"path": str(base_path.resolve())} if base_path is not None else None,
             "experts": [
                 {"path": str(p.resolve()), "params": ep} for p, ep in zip(req.experts, resolved.expert_params)
             ],

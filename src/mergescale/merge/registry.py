@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
@@ -108,6 +108,8 @@ class Hyperparameter:
     def range_text(self) -> str:
         if self.choices is not None:
             return "{" + ", ".join(self.choices) + "}"
+        if self.type == "bool":
+            return "true/false"
         if self.low is None and self.high is None:
             return "any"
         lo = "(-inf" if self.low is None else ("[" if self.low_inclusive else "(") + f"{self.low:g}"
@@ -141,10 +143,14 @@ class MergeMethod:
     randomised: bool
     paper: str
     description: str
-    # Experts the method accepts: mergekit's slerp merges exactly two models.
+    # Whether a given base is read at all (multislerp uses one if given; linear ignores it).
+    uses_base: bool = True
+    # Experts the method accepts (slerp: one expert plus the base).
     min_experts: int = 1
     max_experts: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Called once per merge with (tensor names, reference config.json or None); returns
+    # extra entries for `params`, e.g. the layer count that layer_swap needs.
+    setup: Callable[[list[str], dict | None], dict[str, Any]] | None = None
 
     def hyperparameter(self, key: str) -> Hyperparameter | None:
         return next((h for h in self.hyperparameters if h.name == key), None)
@@ -155,6 +161,7 @@ class MergeMethod:
             "description": self.description,
             "paper": self.paper,
             "needs_base": self.needs_base,
+            "uses_base": self.uses_base,
             "randomised": self.randomised,
             "min_experts": self.min_experts,
             "max_experts": self.max_experts,
@@ -173,10 +180,15 @@ def register_method(
     randomised: bool = False,
     paper: str,
     description: str,
+    uses_base: bool | None = None,
     min_experts: int = 1,
     max_experts: int | None = None,
+    setup: Callable[[list[str], dict | None], dict[str, Any]] | None = None,
 ) -> Callable[[TensorMergeFn], TensorMergeFn]:
-    """Decorator: register `function` under `name`. A second registration of a name raises."""
+    """Decorator: register `function` under `name`. A second registration of a name raises.
+
+    uses_base defaults to needs_base.
+    """
 
     names = [h.name for h in hyperparameters]
     duplicates = {n for n in names if names.count(n) > 1}
@@ -194,8 +206,10 @@ def register_method(
             randomised=randomised,
             paper=paper,
             description=description,
+            uses_base=needs_base if uses_base is None else uses_base,
             min_experts=min_experts,
             max_experts=max_experts,
+            setup=setup,
         )
         return function
 

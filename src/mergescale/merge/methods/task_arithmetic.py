@@ -68,72 +68,117 @@ def _rescale(default: bool) -> Hyperparameter:
     )
 
 
-def sparsify(
-    tau: torch.Tensor,
-    sparsifier: str | None,
-    p: dict,
-    rescale: bool,
-    generator: torch.Generator | None,
-    name: str,
-) -> torch.Tensor:
-    """Sparsify one task vector in place; returns it."""
-    if sparsifier is None or p["density"] >= 1:
+class _Sparsifier:
+    """One expert's sparsifier, applied chunk by chunk in flat order.
+
+    Magnitude-based sparsifiers first select their thresholds over the whole task
+    vector (`scores_of` recomputes |tau| for any slice), then decide membership per chunk.
+    """
+
+    def __init__(self, kind: str | None, p: dict, rescale: bool, n: int, scores_of, generator):
+        self.kind = None if (kind is None or p["density"] >= 1) else kind
+        self.density = p.get("density", 1.0)
+        self.rescale = rescale
+        self.generator = generator
+        if self.kind == "magnitude":
+            self.top = ops.select_top_k(scores_of, n, ops.magnitude_k(n, self.density))
+        elif self.kind == "outliers":
+            n_top, keep = ops.outlier_band(n, self.density, p["gamma"])
+            self.band = ops.select_top_k(scores_of, n, n_top + keep)
+            self.outliers = ops.select_top_k(scores_of, n, n_top)
+        elif self.kind == "della":
+            self.epsilon = p["epsilon"]
+            if self.density - self.epsilon <= 0 or self.density + self.epsilon > 1:
+                raise MergeInputError(
+                    f"density={self.density} and epsilon={self.epsilon}: density - epsilon must be > 0 "
+                    "and density + epsilon <= 1"
+                )
+
+    def apply(self, tau: torch.Tensor, rows: int) -> torch.Tensor:
+        """Sparsify one chunk in place (`rows`: how many rows the chunk holds, for DELLA)."""
+        if self.kind is None:
+            return tau
+        if self.kind == "magnitude":
+            tau.mul_(self.top.mask(tau.abs()))
+        elif self.kind == "outliers":
+            scores = tau.abs()
+            tau.mul_(self.band.mask(scores) & ~self.outliers.mask(scores))
+        elif self.kind == "random":
+            tau.mul_(ops.random_mask(tau, self.density, self.generator))
+        elif self.kind == "della":
+            probability = ops.della_keep_probability(tau.view(rows, -1), self.density, self.epsilon).view(-1)
+            tau.mul_(ops.random_mask(tau, probability, self.generator))
+            if self.rescale:
+                tau.div_(probability)
+            return tau
+        if self.rescale:
+            tau.div_(self.density)
         return tau
-    density = p["density"]
-    if sparsifier == "magnitude":
-        tau.mul_(ops.magnitude_mask(tau, density))
-        keep = density
-    elif sparsifier == "random":
-        tau.mul_(ops.random_mask(tau, density, generator))
-        keep = density
-    elif sparsifier == "outliers":
-        tau.mul_(ops.outlier_mask(tau, density, p["gamma"]))
-        keep = density
-    elif sparsifier == "della":
-        eps = p["epsilon"]
-        if density - eps <= 0 or density + eps > 1:
-            raise MergeInputError(
-                f"density={density} and epsilon={eps}: density - epsilon must be > 0 and "
-                "density + epsilon <= 1"
-            )
-        keep_probability = ops.della_keep_probability(tau, density, eps)
-        tau.mul_(ops.random_mask(tau, keep_probability, generator))
-        if rescale:
-            tau.div_(keep_probability)
-        return tau
-    else:
-        raise ValueError(f"unknown sparsifier {sparsifier!r}")
-    if rescale:
-        tau.div_(keep)
-    return tau
+
+
+# Task vectors of a tensor up to this size (all experts together) are computed once and
+# kept; bigger ones (embeddings) are recomputed chunk by chunk to bound memory.
+RESIDENT_BYTES = 256 * 2**20
 
 
 def generalized_task_arithmetic(
     base, experts, expert_params, params, generator, name, *, sparsifier: str | None, consensus: str | None
 ) -> torch.Tensor:
-    base32 = ops.f32(base)
-    weights = torch.tensor([p["weight"] for p in expert_params], dtype=torch.float32, device=base32.device)
-    deltas = torch.empty((len(experts), *base32.shape), dtype=torch.float32, device=base32.device)  # [K, ...]
-    for i, (x, p) in enumerate(zip(experts, expert_params)):
-        tau = ops.task_vector(x, base32)
-        deltas[i] = sparsify(tau, sparsifier, p, params.get("rescale", False), generator, name).mul_(p["weight"])
-        del tau
-    w = weights.reshape(-1, *([1] * base32.dim()))  # [K, 1, ...] broadcasts over the tensor
+    """Chunked over the flattened tensor so that memory stays at the inputs plus a few
+    cache-sized buffers, even for an embedding matrix."""
+    device = base.device
+    flat_base = base.reshape(-1)
+    n, k = flat_base.numel(), len(experts)
+    if k * n * 4 <= RESIDENT_BYTES:
+        resident = ops.task_vectors(flat_base, [x.reshape(-1) for x in experts])  # [K, N]
 
-    if consensus is not None:
-        agree = ops.agrees_with(deltas, ops.elect_sign(deltas, consensus))  # [K, ...]
-        mixed = (deltas * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        def scores_of(i: int):
+            return lambda sl: resident[i, sl].abs()
     else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
-    del deltas
-    if params["normalize"]:
-        mixed.div_(divisor)
-    return base32.add_(mixed, alpha=params["lambda"])
+        resident = None
+        flats = [x.reshape(-1) for x in experts]
+
+        def scores_of(i: int):
+            return lambda sl: ops.f32(flats[i][sl]).sub_(flat_base[sl]).abs_()
+
+    sparsifiers = [
+        _Sparsifier(sparsifier, p, params.get("rescale", False), n, scores_of(i), generator)
+        for i, p in enumerate(expert_params)
+    ]
+    weights = [p["weight"] for p in expert_params]
+    w = torch.tensor(weights, dtype=torch.float32, device=device)
+    # DELLA ranks within rows, so its chunks hold whole rows; 1-D tensors are one row.
+    row = (base.shape[-1] if base.dim() >= 2 else n) if sparsifier == "della" else 1
+    chunks = ops.chunk_ranges(n, align=row)
+    if resident is None:
+        buffer = torch.empty((k, chunks[0][1] if chunks else 0), dtype=torch.float32, device=device)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for s, e in chunks:
+        b = ops.f32(flat_base[s:e])
+        if resident is not None:
+            deltas = resident[:, s:e]  # [K, chunk], a view we may overwrite
+        else:
+            deltas = buffer[:, : e - s]  # [K, chunk]
+            for i in range(k):
+                deltas[i].copy_(flats[i][s:e]).sub_(b)
+        for i in range(k):
+            sparsifiers[i].apply(deltas[i], (e - s) // row).mul_(weights[i])
+
+        if consensus is not None:
+            votes = deltas.sum(dim=0) if consensus == "sum" else deltas.sign().sum(dim=0)
+            elected = torch.where(votes >= 0, 1.0, -1.0)  # ties of the vote go to +
+            agree = (deltas * elected) > 0  # [K, chunk]; zeros never agree
+            mixed = deltas.mul_(agree).sum(dim=0)
+            if params["normalize"]:
+                divisor = w @ agree.to(torch.float32)  # sum of weights that contributed
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        else:
+            mixed = deltas.sum(dim=0)
+            if params["normalize"]:
+                total = sum(weights)
+                mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+        out[s:e] = b.add_(mixed, alpha=params["lambda"])
+    return out.reshape(base.shape)
 
 
 def _register(name, sparsifier, consensus, normalize, rescale, paper, description, randomised=False):

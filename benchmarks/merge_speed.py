@@ -1,0 +1,204 @@
+"""Time and memory of a TIES merge: mergescale vs mergekit, on the same YAML.
+
+Builds (once, cached under benchmarks/.cache/) a random-weight Llama base of ~270M
+parameters in bfloat16 and N experts (base + small Gaussian noise), then runs
+
+    mergescale: python -m mergescale.cli merge ties.yaml OUT
+    mergekit:   <mergekit venv>/bin/mergekit-yaml ties.yaml OUT
+
+each as a child process, and prints wall time, peak RSS (the child's ru_maxrss from
+wait4), their ratio, and the floor: the time to read every input byte once from the
+page cache. Finally it checks that the two merged models agree within bfloat16
+rounding (mergekit computes in bfloat16, mergescale in float32).
+
+mergekit lives in its own virtual environment because its pins may conflict:
+    python3 -m venv benchmarks/.cache/mergekit-venv
+    benchmarks/.cache/mergekit-venv/bin/pip install mergekit==0.1.5 torch==2.13.0
+
+Usage: python benchmarks/merge_speed.py [--experts 4] [--density 0.2] [--skip-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+# ~271M parameters: 2 x 32000 x 1024 (embeddings, lm_head) + 16 x 12.85M (layers)
+SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+             num_key_value_heads=16, vocab_size=32000)
+
+
+def build_models(root: Path, n_experts: int, noise: float = 0.002) -> tuple[Path, list[Path]]:
+    """Random base and base+noise experts, bf16, single-file safetensors; cached."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base, experts = root / "base", [root / f"expert{i}" for i in range(n_experts)]
+    if all((p / "model.safetensors").is_file() and (p / "config.json").is_file() for p in [base, *experts]):
+        return base, experts
+    config = LlamaConfig(**SHAPE, tie_word_embeddings=False, max_position_embeddings=2048, dtype="bfloat16",
+                         architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):  # shapes only, no memory
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    n_params = sum(torch.Size(s).numel() for s in shapes.values())
+    print(f"building base + {n_experts} experts of {n_params / 1e6:.0f}M parameters in {root}", flush=True)
+
+    gen = torch.Generator().manual_seed(0)
+    base_state = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norms start at one
+            base_state[name] = (1 + 0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+        else:
+            base_state[name] = (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    for i, path in enumerate([base, *experts]):
+        path.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(path)
+        if i == 0:
+            state = base_state
+        else:
+            g = torch.Generator().manual_seed(1000 + i)
+            state = {k: (v.float() + noise * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
+                     for k, v in base_state.items()}
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        del state
+    return base, experts
+
+
+def write_config(path: Path, base: Path, experts: list[Path], density: float) -> None:
+    lines = ["merge_method: ties", f"base_model: {base}", "models:"]
+    for e in experts:
+        lines += [f"  - model: {e}", "    parameters:", "      weight: 1.0", f"      density: {density}"]
+    lines += ["parameters:", "  normalize: true", "dtype: bfloat16", ""]
+    path.write_text("\n".join(lines))
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, int]:
+    """Run cmd as a child; return (wall seconds, peak RSS bytes of the child)."""
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage, not all children's
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[0]} failed ({proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def read_floor(dirs: list[Path]) -> float:
+    """Seconds to read every input byte once (page cache warm after the first pass)."""
+    buf = bytearray(64 * 2**20)
+    start = time.perf_counter()
+    for d in dirs:
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    return time.perf_counter() - start
+
+
+def compare(a_dir: Path, b_dir: Path, base_dir: Path) -> dict[str, float]:
+    """Agreement of two merged checkpoints, tensor by tensor."""
+    def handles(d):
+        return {n: f for f in sorted(d.glob("*.safetensors")) for n in safe_open(f, "pt").keys()}
+
+    a_files, b_files, base_files = handles(a_dir), handles(b_dir), handles(base_dir)
+    if set(a_files) != set(b_files):
+        raise SystemExit(f"tensor names differ: {sorted(set(a_files) ^ set(b_files))[:5]}")
+    total = within = 0
+    diff_sq = delta_sq = 0.0
+    max_abs = 0.0
+    for name in sorted(a_files):
+        with safe_open(a_files[name], "pt") as fa, safe_open(b_files[name], "pt") as fb, \
+                safe_open(base_files[name], "pt") as fbase:
+            a, b, base = fa.get_tensor(name).float(), fb.get_tensor(name).float(), fbase.get_tensor(name).float()
+        diff = (a - b).abs()
+        # two bf16 ulps at the larger magnitude (bf16 has 8 significant bits)
+        tol = 2 * torch.maximum(a.abs(), b.abs()) * 2.0**-8
+        within += int((diff <= tol).sum())
+        total += a.numel()
+        diff_sq += float((diff.double() ** 2).sum())
+        delta_sq += float(((b - base).double() ** 2).sum())
+        max_abs = max(max_abs, float(diff.max()))
+    return {
+        "fraction_within_2_bf16_ulps": within / total,
+        "relative_error_of_merged_delta": (diff_sq / delta_sq) ** 0.5,
+        "max_abs_diff": max_abs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--density", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--mergekit-venv", type=Path, default=Path(os.environ.get("MERGEKIT_VENV", CACHE / "mergekit-venv")))
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    root = CACHE / f"llama270m_{args.experts}experts"
+    base, experts = build_models(root, args.experts)
+    work = CACHE / "runs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    config = work / "ties.yaml"
+    write_config(config, base, experts, args.density)
+
+    input_bytes = sum(f.stat().st_size for d in [base, *experts] for f in d.glob("*.safetensors"))
+    read_floor([base, *experts])  # warm the page cache so both tools start equal
+    floor = read_floor([base, *experts])
+    results: dict[str, object] = {"input_bytes": input_bytes, "floor_s": floor, "threads": args.threads}
+
+    ours_out = work / "mergescale_out"
+    wall, rss = run_measured(
+        [sys.executable, "-m", "mergescale.cli", "merge", str(config), str(ours_out), "--threads", str(args.threads)],
+        work / "mergescale.log",
+    )
+    results["mergescale"] = {"wall_s": wall, "peak_rss_bytes": rss}
+
+    if not args.skip_mergekit:
+        exe = args.mergekit_venv / "bin" / "mergekit-yaml"
+        if not exe.exists():
+            sys.exit(f"{exe} not found; create the venv (see this file's docstring) or pass --skip-mergekit")
+        theirs_out = work / "mergekit_out"
+        wall, rss = run_measured(
+            [str(exe), str(config), str(theirs_out), "--num-threads", str(args.threads), "--quiet",
+             "--no-copy-tokenizer"],
+            work / "mergekit.log",
+        )
+        results["mergekit"] = {"wall_s": wall, "peak_rss_bytes": rss}
+        results["speedup"] = results["mergekit"]["wall_s"] / results["mergescale"]["wall_s"]
+        results["agreement"] = compare(ours_out, theirs_out, base)
+
+    gib = 2**30
+    print(f"inputs: {len(experts)} experts + base, {input_bytes / gib:.2f} GiB bf16; TIES density {args.density}; "
+          f"{args.threads} threads")
+    print(f"floor (read every input byte once, page cache): {floor:.2f} s")
+    for tool in ("mergescale", "mergekit"):
+        if tool in results:
+            r = results[tool]
+            print(f"{tool:>10}: wall {r['wall_s']:7.2f} s   peak RSS {r['peak_rss_bytes'] / gib:6.2f} GiB")
+    if "speedup" in results:
+        print(f"mergescale is {results['speedup']:.1f}x faster than mergekit")
+        agree = results["agreement"]
+        print("agreement: " + ", ".join(f"{k}={v:.3g}" for k, v in agree.items()))
+        ok = agree["fraction_within_2_bf16_ulps"] > 0.999 and agree["relative_error_of_merged_delta"] < 0.02
+        print("outputs agree within bf16 rounding" if ok else "OUTPUTS DISAGREE beyond bf16 rounding")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Command line: `mergescale merge CONFIG.yaml OUT_DIR`, `mergescale methods [--json]`.
+
+Each subcommand is a `_cmd_*` function registered in `_build_parser`; add new ones there.
+User errors (bad config, bad checkpoint) exit with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from mergescale.merge import run_merge
+    from mergescale.merge.config import load_merge_config
+
+    request = load_merge_config(
+        args.config, args.out_dir,
+        device=args.device, threads=args.threads, seed=args.seed,
+        allow_pickle=args.allow_pickle or None, overwrite=args.overwrite or None,
+    )
+    result = run_merge(request)
+    card = result.card
+    print(
+        f"{result.out_dir}: {card['method']} of {len(card['experts'])} experts, "
+        f"{card['n_parameters']:,} parameters, {card['wall_time_s']:.1f} s, "
+        f"peak RSS {card['peak_rss_bytes'] / 2**20:.0f} MiB"
+    )
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from mergescale.merge import list_methods
+
+    methods = list_methods()
+    if args.json:
+        json.dump([m.to_dict() for m in methods], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for m in methods:
+        flags = ", ".join(f for f, on in (("base", m.needs_base), ("random", m.randomised)) if on)
+        print(f"{m.name}{f' [{flags}]' if flags else ''}: {m.description}")
+        for h in m.hyperparameters:
+            scope = "per expert" if h.per_expert else "global"
+            print(f"    {h.name} ({h.type}, {scope}, default {h.default!r}, range {h.range_text()}): {h.description}")
+        print(f"    paper: {m.paper}")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergescale", description="Model merging at scale.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = sub.add_parser("merge", help="merge models as a YAML config (mergekit format) says")
+    merge.add_argument("config", help="merge config YAML (merge_method, base_model, models, parameters, dtype)")
+    merge.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
+    merge.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where to compute (default cpu)")
+    merge.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    merge.add_argument("--seed", type=int, default=None, help="seed for randomised methods (overrides the config)")
+    merge.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin inputs (weights only)")
+    merge.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    merge.set_defaults(func=_cmd_merge)
+
+    methods = sub.add_parser("methods", help="list merge methods and their hyperparameters")
+    methods.add_argument("--json", action="store_true", help="machine-readable output")
+    methods.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from mergescale.merge import MergeInputError
+
+    try:
+        return args.func(args)
+    except MergeInputError as e:
+        print(f"mergescale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from mergescale.models import TinyShape, count_parameters, load_model, new_llama
+from mergescale.stages import finetune, pretrain_base
+from mergescale.tasks import ALPHABET, make_splits, write_jsonl
+from mergescale.tokenizer import build_char_tokenizer
+from mergescale.train import IGNORE_INDEX, TrainConfig, collate, encode, lr_at
+
+TOK = build_char_tokenizer(ALPHABET)
+SHAPE = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def test_answer_only_labels_hide_the_prompt():
+    rows = [{"prompt": "first abc=", "answer": "a"}]
+    (ids, labels), = encode(TOK, rows, "answer")
+    assert TOK.decode(ids) == "first abc=a\n"
+    assert labels[:10] == [IGNORE_INDEX] * 10 and labels[10:] == ids[10:]
+    (_, all_labels), = encode(TOK, rows, "all")
+    assert all_labels == ids
+
+
+def test_collate_pads_right_and_masks():
+    batch = encode(TOK, [{"prompt": "x=", "answer": "1"}, {"prompt": "long=", "answer": "22"}], "all")
+    out = collate(batch, TOK.pad_token_id)
+    assert out["input_ids"].shape == (2, 8)
+    assert out["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert (out["labels"][0, 4:] == IGNORE_INDEX).all()
+
+
+def test_lr_schedule_warms_up_and_decays():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_bad_train_config_is_refused():
+    with pytest.raises(ValueError, match="loss_on"):
+        TrainConfig(steps=1, loss_on="prompt")
+
+
+def test_pretrain_then_finetune_learns_and_is_deterministic(tmp_path):
+    data = {}
+    for task in ("first_letter", "parity"):
+        path = tmp_path / "data" / f"{task}.jsonl"
+        write_jsonl(make_splits(task, {"train": 300, "validation": 10, "test": 10})["train"], path)
+        data[task] = path
+    torch.set_num_threads(1)
+    cards = [pretrain_base(SHAPE, {"steps": 20, "batch_size": 16}, data, tmp_path / f"base{i}", log=lambda m: None)
+             for i in range(2)]
+    assert cards[0]["loss_history"] == cards[1]["loss_history"]  # same seed, same run
+    assert (tmp_path / "base0" / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".base0*"))  # no temporary directory left behind
+    card = finetune(tmp_path / "base0", {"steps": 60, "batch_size": 32, "lr": 5e-3},
+                    {"first_letter": data["first_letter"]}, tmp_path / "expert", stage="finetune_expert",
+                    log=lambda m: None)
+    assert card["loss_history"][-1]["loss"] < card["loss_history"][0]["loss"]
+    model, tok = load_model(tmp_path / "expert")
+    assert count_parameters(model) == count_parameters(new_llama(TinyShape(**SHAPE), TOK, 0))

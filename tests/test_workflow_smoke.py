@@ -1,0 +1,101 @@
+"""End-to-end: the whole DAG on config/smoke.yaml (real training, merging, lm-eval).
+
+Checks the tables it produces, that a second run does nothing, and that changing one
+merge method (its config or its code) re-runs only that method's jobs.
+"""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_helpers import SMOKE_CONFIG, planned_jobs, planned_outputs, snakemake
+
+pytestmark = pytest.mark.slow
+SMOKE = yaml.safe_load(SMOKE_CONFIG.read_text())
+HELD_IN = SMOKE["tasks"]["held_in"]
+HELD_OUT = SMOKE["tasks"]["held_out"]
+METHODS = SMOKE["merge"]["methods"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def test_scores_table_is_complete_and_sane(run_dir):
+    scores = pd.read_csv(run_dir / "results/tables/scores.csv")
+    n_combos = 2  # k=2 and k=3, one subset each
+    n_models = 1 + len(HELD_IN) + 1 + len(METHODS) * n_combos
+    assert len(scores) == n_models * (len(HELD_IN) + len(HELD_OUT))
+    assert scores.value.between(0, 1).all()
+    assert (scores.n == SMOKE["data"]["sizes"]["test"]).all()
+    assert set(scores[scores.kind == "merged"].method) == set(METHODS)
+    base = scores[scores.kind == "base"].set_index("task").value
+    experts = scores[(scores.kind == "expert") & (scores.task == scores.expert_task)].set_index("task").value
+    for task in HELD_IN:  # the study is only meaningful if experts learn their task
+        assert experts[task] >= base[task] + 0.2, (task, experts[task], base[task])
+
+
+def test_normalized_table_matches_scores(run_dir):
+    scores = pd.read_csv(run_dir / "results/tables/scores.csv")
+    norm = pd.read_csv(run_dir / "results/tables/normalized.csv")
+    assert set(norm.method) == set(METHODS) | {"multitask"}
+    row = norm[(norm.method == "ties") & (norm.k == 3)].iloc[0]
+    merged = scores[(scores.method == "ties") & (scores.combo == row.combo)].set_index("task").value
+    experts = scores[(scores.kind == "expert") & (scores.task == scores.expert_task)].set_index("task").value
+    expected = sum(merged[t] / experts[t] for t in HELD_IN) / len(HELD_IN)
+    assert row.held_in_normalized == pytest.approx(expected)
+    assert row.merge_seconds > 0 and row.merge_peak_rss_mb > 0
+    summary = (run_dir / "results/tables/summary.md").read_text()
+    for method in METHODS:
+        assert f"| smoke | {method} | 3 |" in summary
+
+
+def test_figure_and_cards_written(run_dir):
+    png = run_dir / "results/plots/normalized_vs_k.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    record = json.loads((run_dir / "results/evals/merged/smoke/ties/k2s0/scores.json").read_text())
+    assert record["model_card"]["method"] == "ties"
+    assert all(len(s["correct"]) == s["n"] for s in record["scores"])
+
+
+def test_second_run_does_nothing(run_dir):
+    assert planned_jobs(run_dir) == {}
+
+
+def test_changing_one_method_reruns_only_its_jobs(run_dir, tmp_path):
+    changed = yaml.safe_load(SMOKE_CONFIG.read_text())
+    changed["merge"]["methods"]["ties"]["params"]["density"] = 0.4
+    config = tmp_path / "changed.yaml"
+    config.write_text(yaml.safe_dump(changed))
+    jobs = planned_jobs(run_dir, config=config)
+    assert jobs == {"merge": 2, "evaluate": 2, "aggregate": 1, "plot": 1, "all": 1}
+    assert all("/ties/" in out for out in planned_outputs(run_dir, "merge", config=config))
+
+
+def test_touching_one_method_file_reruns_only_methods_defined_there(run_dir):
+    import inspect
+    import functools
+
+    from mergescale.merge import get_method
+
+    def source(name):
+        fn = get_method(name).function
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        return inspect.getsourcefile(fn)
+
+    path = source("linear")
+    same_file = {m for m, spec in METHODS.items() if source(spec["method"]) == path}
+    before = os.stat(path)
+    os.utime(path)  # as an edit would
+    try:
+        outs = planned_outputs(run_dir, "merge")
+    finally:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert outs and {out.split("/")[3] for out in outs} == same_file
