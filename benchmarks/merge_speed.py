@@ -83,8 +83,8 @@ def write_config(path: Path, base: Path, experts: list[Path], density: float) ->
     path.write_text("\n".join(lines))
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Run cmd as a child; return (wall seconds, peak RSS bytes of the child)."""
+def run_measured(cmd: list[str], log: Path) -> tuple[float, int, float]:
+    """Run cmd as a child; return (wall seconds, peak RSS bytes, CPU seconds) of the child."""
     with open(log, "w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -93,7 +93,7 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{cmd[0]} failed ({proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def read_floor(dirs: list[Path]) -> float:
@@ -162,23 +162,23 @@ def main() -> None:
     results: dict[str, object] = {"input_bytes": input_bytes, "floor_s": floor, "threads": args.threads}
 
     ours_out = work / "mergescale_out"
-    wall, rss = run_measured(
+    wall, rss, cpu = run_measured(
         [sys.executable, "-m", "mergescale.cli", "merge", str(config), str(ours_out), "--threads", str(args.threads)],
         work / "mergescale.log",
     )
-    results["mergescale"] = {"wall_s": wall, "peak_rss_bytes": rss}
+    results["mergescale"] = {"wall_s": wall, "peak_rss_bytes": rss, "cpu_s": cpu}
 
     if not args.skip_mergekit:
         exe = args.mergekit_venv / "bin" / "mergekit-yaml"
         if not exe.exists():
             sys.exit(f"{exe} not found; create the venv (see this file's docstring) or pass --skip-mergekit")
         theirs_out = work / "mergekit_out"
-        wall, rss = run_measured(
+        wall, rss, cpu = run_measured(
             [str(exe), str(config), str(theirs_out), "--num-threads", str(args.threads), "--quiet",
              "--no-copy-tokenizer"],
             work / "mergekit.log",
         )
-        results["mergekit"] = {"wall_s": wall, "peak_rss_bytes": rss}
+        results["mergekit"] = {"wall_s": wall, "peak_rss_bytes": rss, "cpu_s": cpu}
         results["speedup"] = results["mergekit"]["wall_s"] / results["mergescale"]["wall_s"]
         results["agreement"] = compare(ours_out, theirs_out, base)
 
@@ -189,9 +189,12 @@ def main() -> None:
     for tool in ("mergescale", "mergekit"):
         if tool in results:
             r = results[tool]
-            print(f"{tool:>10}: wall {r['wall_s']:7.2f} s   peak RSS {r['peak_rss_bytes'] / gib:6.2f} GiB")
+            print(f"{tool:>10}: wall {r['wall_s']:7.2f} s   CPU {r['cpu_s']:7.2f} s   "
+                  f"peak RSS {r['peak_rss_bytes'] / gib:6.2f} GiB")
     if "speedup" in results:
-        print(f"mergescale is {results['speedup']:.1f}x faster than mergekit")
+        cpu_ratio = results["mergekit"]["cpu_s"] / results["mergescale"]["cpu_s"]
+        print(f"mergescale is {results['speedup']:.1f}x faster than mergekit (wall), {cpu_ratio:.1f}x less CPU time")
+    print(f"load average during the run: {os.getloadavg()[0]:.2f} (other work on the machine slows both tools)")
         agree = results["agreement"]
         print("agreement: " + ", ".join(f"{k}={v:.3g}" for k, v in agree.items()))
         ok = agree["fraction_within_2_bf16_ulps"] > 0.999 and agree["relative_error_of_merged_delta"] < 0.02

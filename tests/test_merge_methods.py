@@ -186,3 +186,92 @@ def test_della_rejects_bad_epsilon():
 
     with pytest.raises(MergeInputError, match="epsilon"):
         run("della", torch.zeros(4, 4), [torch.ones(4, 4)], density=0.1, epsilon=0.2)
+
+
+# -- exact top-k on tensors big enough for the bracketed selection ----------------------
+def reference_top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sort-based reference: order by (|x| descending, flat index ascending)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    order = sorted(range(n), key=lambda i: (-abs(flat[i].item()), i))[:k] if n < 5000 else None
+    if order is None:  # stable sort on -|x| keeps index order among ties
+        order = torch.sort(-flat.abs(), stable=True).indices[:k]
+    out = torch.zeros_like(flat)
+    out[order] = flat[order]
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "sparse", "all_zero_tail"])
+@pytest.mark.parametrize("density", [0.001, 0.2, 0.7, 0.999])
+def test_top_k_trim_matches_sorting(kind, density):
+    g = torch.Generator().manual_seed(hash((kind, density)) % 2**31)
+    n = 300_007
+    x = torch.randn(n, generator=g)
+    if kind == "ties":  # few distinct magnitudes: thresholds land inside big tie groups
+        x = torch.randint(-6, 7, (n,), generator=g).float() / 4
+    elif kind == "sparse":
+        x[torch.rand(n, generator=g) < 0.9] = 0
+    elif kind == "all_zero_tail":
+        x[n // 3:] = 0
+    k = ops.magnitude_k(n, density)
+    expected = reference_top_k_trim(x, k)
+    got = ops.top_k_trim(x, k)
+    assert torch.equal(got, expected)
+    # the streamed selection (used for tensors too big to keep whole) agrees too
+    sel = ops.select_top_k(lambda sl: x[sl].abs(), n, k)
+    streamed = torch.cat([sel.trim(x[s:e]) for s, e in ops.chunk_ranges(n, chunk=65_536)])
+    assert torch.equal(streamed, expected)
+
+
+def test_bracket_miss_falls_back_to_exact():
+    # a sample that sees only one value cannot bracket the threshold of the rest
+    n = 200_000
+    x = torch.zeros(n)
+    x[1::3] = torch.linspace(1, 2, len(range(1, n, 3)))
+    k = 40_000
+    assert torch.equal(ops.top_k_trim(x, k), reference_top_k_trim(x, k))
+    sel = ops.select_top_k(lambda sl: x[sl].abs(), n, k)
+    assert torch.equal(sel.trim(x), reference_top_k_trim(x, k))
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"density": 0.3}),
+    ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.05}),
+    ("breadcrumbs", {"density": 0.5}),
+    ("dare_ties", {"density": 0.4}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+])
+def test_streamed_path_equals_resident_path(monkeypatch, method, params):
+    """Tensors above RESIDENT_BYTES are processed chunk by chunk; the result is the same."""
+    from mergescale.merge.methods import task_arithmetic
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(640, 500, generator=g).to(torch.bfloat16)
+    experts = [(base.float() + 0.01 * torch.randn(640, 500, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    resident = run(method, base, experts, seed=3, **params)
+    monkeypatch.setattr(task_arithmetic, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 50_000)
+    streamed = run(method, base, experts, seed=3, **params)
+    if get_method(method).randomised:  # same distribution, different draws per chunking
+        assert streamed.shape == resident.shape
+    else:
+        assert torch.equal(streamed, resident)
+
+
+def test_ties_large_against_dense_reference():
+    """TIES on a tensor big enough for the fast paths, against a direct dense formula."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(400, 300, generator=g)
+    taus = [0.1 * torch.randn(400, 300, generator=g) for _ in range(4)]
+    weights = [1.0, 0.5, 2.0, 1.0]
+    k = ops.magnitude_k(base.numel(), 0.2)
+    trimmed = torch.stack([w * reference_top_k_trim(t, k) for w, t in zip(weights, taus)])
+    sign = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(trimmed) == sign
+    w = torch.tensor(weights).reshape(-1, 1, 1)
+    divisor = (w * agree).sum(0)
+    divisor[divisor == 0] = 1
+    expected = base + 0.7 * (trimmed * agree).sum(0) / divisor
+    got = run("ties", base, [base + t for t in taus], [{"weight": w_} for w_ in weights], density=0.2,
+              **{"lambda": 0.7})
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

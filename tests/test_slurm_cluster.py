@@ -130,7 +130,7 @@ def test_snakemake_slurm_executor_runs_jobs_on_the_cluster(slurm_env, tmp_path):
             "--executor", "slurm",
             "--slurm-no-account",
             "--slurm-status-command", "squeue",
-            "--slurm-init-seconds-before-status-checks", "1",
+            "--slurm-init-seconds-before-status-checks", "3",
             "--jobs", "2",
             "--latency-wait", "5",
             "--default-resources", "mem_mb=500", "runtime=5",
@@ -203,8 +203,15 @@ FAKE_TOOL = textwrap.dedent(
 )
 
 
-def _fake_submit(profile: Path, tmp_path: Path) -> dict[str, list[str]]:
-    """Run the workflow above with `profile` on stand-in SLURM commands; rule -> sbatch argv."""
+WORKFLOW_PROFILE = SLURM_PROFILE.parent / "default" / "config.yaml"
+
+
+def _fake_submit(profile: Path, tmp_path: Path, workflow_profile: Path | None = None) -> dict[str, list[str]]:
+    """Run the workflow above with `profile` on stand-in SLURM commands; rule -> sbatch argv.
+
+    With `workflow_profile`, that file is the workflow's profiles/default/config.yaml,
+    which Snakemake loads on top of --profile (as it does for workflow/Snakefile).
+    """
     bindir = tmp_path / "bin"
     bindir.mkdir()
     for tool in ["sbatch", "squeue", "sacct", "scontrol", "sinfo", "scancel", "sacctmgr", "sshare", "srun"]:
@@ -214,6 +221,9 @@ def _fake_submit(profile: Path, tmp_path: Path) -> dict[str, list[str]]:
     workdir = tmp_path / "wf"
     workdir.mkdir()
     (workdir / "Snakefile").write_text(PROFILE_SNAKEFILE)
+    if workflow_profile is not None:
+        (workdir / "profiles" / "default").mkdir(parents=True)
+        (workdir / "profiles" / "default" / "config.yaml").write_text(workflow_profile.read_text())
     env = base_env()
     env["PATH"] = f"{bindir}:{env['PATH']}"
     env["FAKE_SLURM_DIR"] = str(tmp_path)
@@ -246,23 +256,39 @@ def _opt(argv: list[str], name: str) -> str | None:
     return None
 
 
+EXPECTED_HEAVY = {  # rule: (partition, GPUs, memory MB, minutes, CPUs)
+    "pretrain_base": ("gpu", "1", "64000", "720", "8"),
+    "finetune_expert": ("gpu", "1", "48000", "240", "8"),
+    "finetune_multitask": ("gpu", "1", "48000", "480", "8"),
+    "compute_stats": ("gpu", "1", "32000", "120", "4"),
+    "merge": ("cpu", None, "64000", "120", "8"),
+    "evaluate": ("gpu", "1", "32000", "120", "4"),
+}
+
+
+def _check_heavy_rules(submitted: dict[str, list[str]]) -> None:
+    for rule, expected in EXPECTED_HEAVY.items():
+        argv = submitted[rule]
+        got = tuple(_opt(argv, o) for o in ("-p", "--gpus", "--mem", "-t", "--cpus-per-task"))
+        assert got == expected, (rule, got, argv)
+        assert _opt(argv, "--gres") is None, (rule, argv)
+
+
 def test_cluster_profile_maps_rules_to_sbatch_options(tmp_path):
     submitted = _fake_submit(SLURM_PROFILE, tmp_path)
-    for rule, argv in submitted.items():
-        assert _opt(argv, "--gres") is None, (rule, argv)
-        assert _opt(argv, "--mem") is not None and _opt(argv, "-t") is not None, (rule, argv)
-        if rule in GPU_RULES:
-            assert _opt(argv, "--gpus") == "1", (rule, argv)
-            assert _opt(argv, "-p") == "gpu", (rule, argv)
-        else:
-            assert _opt(argv, "--gpus") is None, (rule, argv)
-            assert _opt(argv, "-p") == "cpu", (rule, argv)
-    assert _opt(submitted["other"], "--mem") == "4000"
-    assert _opt(submitted["other"], "-t") == "60"
-    assert _opt(submitted["other"], "--cpus-per-task") == "4"  # the rule's threads
-    assert _opt(submitted["merge"], "--mem") == "64000"
-    assert _opt(submitted["pretrain_base"], "--cpus-per-task") == "8"  # set-threads
-    assert _opt(submitted["pretrain_base"], "-t") == "720"
+    _check_heavy_rules(submitted)
+    other = submitted["other"]  # any other non-local rule: default-resources
+    assert (_opt(other, "-p"), _opt(other, "--mem"), _opt(other, "-t")) == ("cpu", "4000", "60"), other
+    assert _opt(other, "--cpus-per-task") == "4", other  # the rule's threads
+    assert _opt(other, "--gpus") is None and _opt(other, "--gres") is None, other
+
+
+@pytest.mark.skipif(not WORKFLOW_PROFILE.exists(), reason="workflow has no profiles/default/config.yaml")
+def test_cluster_profile_heavy_rules_survive_the_workflow_profile(tmp_path):
+    # workflow/profiles/default/ is loaded too and wins key by key (its
+    # `cores:` caps threads, its `default-resources:` replaces ours): the
+    # heavy rules must still get their partition, GPU, memory, time and CPUs.
+    _check_heavy_rules(_fake_submit(SLURM_PROFILE, tmp_path, WORKFLOW_PROFILE))
 
 
 def test_local_profile_requests_no_gpus_and_fits_a_small_node(tmp_path):

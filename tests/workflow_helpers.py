@@ -13,10 +13,10 @@ SMOKE_CONFIG = REPO / "config" / "smoke.yaml"
 
 
 def snakemake(workdir: Path, *args: str, config: Path = SMOKE_CONFIG, check: bool = True,
-              timeout: int = 1200) -> subprocess.CompletedProcess:
+              timeout: int = 1200, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
            "--directory", str(workdir), "--configfile", str(config), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

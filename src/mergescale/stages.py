@@ -53,8 +53,3 @@ def finetune(base_dir: Path, train_cfg: dict, data_files: dict[str, Path], out_d
     card = {"stage": stage, "base": str(base_dir), **summary}
     _save(model, tokenizer, out_dir, card)
     return card
-
-
-def set_threads(n: int) -> None:
-    # Snakemake's `threads` is the budget; torch would otherwise take every core.
-    torch.set_num_threads(max(1, int(n)))

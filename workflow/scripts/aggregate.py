@@ -2,7 +2,7 @@ from pathlib import Path
 
 from mergescale.aggregate import normalized_scores, summary_markdown, tidy_scores
 from mergescale.io_utils import atomic_write_text
-from mergescale.script_log import log_to
+from mergescale.job import log_to
 
 with log_to(snakemake.log[0]) as log:
     p = snakemake.params

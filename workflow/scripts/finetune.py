@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from mergescale.script_log import log_to
-from mergescale.stages import finetune, set_threads
+from mergescale.job import log_to, set_threads
+from mergescale.stages import finetune
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from mergescale.script_log import log_to
+from mergescale.job import log_to
 from mergescale.tasks import make_splits, write_jsonl
 
 with log_to(snakemake.log[0]) as log:

@@ -1,8 +1,7 @@
 from pathlib import Path
 
 from mergescale.merge import MergeRequest, run_merge
-from mergescale.script_log import log_to
-from mergescale.stages import set_threads
+from mergescale.job import log_to, set_threads
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

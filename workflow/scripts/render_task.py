@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from mergescale.script_log import log_to
+from mergescale.job import log_to
 from mergescale.tasks import write_task_yaml
 
 with log_to(snakemake.log[0]) as log:

@@ -94,6 +94,11 @@ def parse_merge_config(data: Any, out_dir: Path | str, **overrides: Any) -> Merg
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise MergeInputError("models: expected a non-empty list of {model: path, parameters: {...}}")
+    params = _scalar_params(data.get("parameters"), "parameters")
+    try:  # global keys, before any per-model check
+        validate_params(method, params)
+    except MergeInputError as e:
+        raise MergeInputError(f"parameters: {e}") from None
     experts: list[Path] = []
     expert_params: list[dict[str, Any]] = []
     for i, entry in enumerate(models):
@@ -106,14 +111,17 @@ def parse_merge_config(data: Any, out_dir: Path | str, **overrides: Any) -> Merg
             if k not in _MODEL_KEYS:
                 raise MergeInputError(f"{key}.{k}: unknown key; allowed: model, parameters")
         path = _model_path(entry["model"], f"{key}.model")
-        params = _scalar_params(entry.get("parameters"), f"{key}.parameters")
+        entry_params = _scalar_params(entry.get("parameters"), f"{key}.parameters")
         is_base = base is not None and path.resolve() == base.resolve()
         if is_base and method.uses_base:
             continue  # mergekit lists the base among models; it is not an expert
+        try:  # fail here, naming the entry of `models`, rather than mid-merge
+            validate_params(method, params, [entry_params], n_experts=1)
+        except MergeInputError as e:
+            raise MergeInputError(str(e).replace("experts[0]", key)) from None
         experts.append(path)
-        expert_params.append(params)
+        expert_params.append(entry_params)
 
-    params = _scalar_params(data.get("parameters"), "parameters")
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise MergeInputError(f"{'out_dtype' if data.get('out_dtype') else 'dtype'}: {dtype!r} is not one of {sorted(OUTPUT_DTYPES)}")
@@ -126,11 +134,6 @@ def parse_merge_config(data: Any, out_dir: Path | str, **overrides: Any) -> Merg
         expert_params=expert_params, dtype=dtype, seed=seed,
     )
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    # Fail on hyperparameter errors now, naming the key, rather than mid-merge.
-    try:
-        validate_params(method, params, expert_params, n_experts=len(experts))
-    except MergeInputError as e:
-        raise MergeInputError(str(e).replace("experts[", "models[")) from None
     return MergeRequest(**fields)
 
 

@@ -11,6 +11,7 @@ import re
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,9 @@ def tensor_seed(seed: int, name: str) -> int:
 CHUNK_ELEMENTS = 1 << 20
 
 
-def chunk_ranges(n: int, align: int = 1, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+def chunk_ranges(n: int, align: int = 1, chunk: int | None = None) -> list[tuple[int, int]]:
     """[start, end) ranges covering 0..n; sizes are multiples of `align` (e.g. a row)."""
+    chunk = chunk or CHUNK_ELEMENTS
     size = max(align, (chunk // align) * align)
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -46,36 +48,60 @@ def chunk_ranges(n: int, align: int = 1, chunk: int = CHUNK_ELEMENTS) -> list[tu
 # small bracket of candidates, then membership is decided chunk by chunk in flat order.
 # Ties at the threshold go to the lowest flat indices, so the result is deterministic
 # and top_k(a) is inside top_k(b) for a <= b (breadcrumbs relies on that).
-_SAMPLE = 1 << 16  # strided sample that locates the bracket
 _DIRECT = 1 << 16  # below this many elements, select directly
 
 
+def _sample_step(n: int) -> int:
+    """Stride of the sample that locates the bracket. Selecting in the sample costs
+    ~m, settling the bracket's ~n/sqrt(m) candidates costs that much: m ~ n^(2/3)."""
+    m = min(max(int(2 * n ** (2 / 3)), 4096), 1 << 18)
+    return max(1, n // m)
+
+
 class TopK:
-    """Membership in the top k of a score tensor that is streamed in flat order."""
+    """Membership in the top k of |x| for a tensor x that is streamed in flat order."""
 
     def __init__(self, threshold: float, ties_left: int):
-        self.threshold = threshold  # the k-th largest score
-        self.ties_left = ties_left  # elements equal to it that are still in the top k
+        self.threshold = threshold  # the k-th largest |x|
+        self.ties_left = ties_left  # entries with |x| equal to it that are still in the top k
+
+    def trim(self, x: torch.Tensor) -> torch.Tensor:
+        """The next chunk of x with entries outside the top k zeroed (a new tensor)."""
+        # hardshrink keeps |x| > threshold in one fused pass (threshold -inf keeps all)
+        out = F.hardshrink(x, self.threshold) if self.threshold != float("inf") else torch.zeros_like(x)
+        if self.ties_left > 0:
+            tied = torch.nonzero(x.reshape(-1).abs() == self.threshold).squeeze(1)[: self.ties_left]
+            out.view(-1)[tied] = x.reshape(-1)[tied]
+            self.ties_left -= tied.numel()
+        return out
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
-        """Mask for the next chunk of scores (chunks must come in flat order)."""
+        """Boolean membership for the next chunk, given its scores (|x|, or any score)."""
         m = scores > self.threshold
         if self.ties_left > 0:
-            eq = scores == self.threshold
-            n_eq = int(torch.count_nonzero(eq))
-            if n_eq <= self.ties_left:
-                m |= eq
-                self.ties_left -= n_eq
-            elif n_eq:
-                m.view(-1)[torch.nonzero(eq.view(-1)).squeeze(1)[: self.ties_left]] = True
-                self.ties_left = 0
+            tied = torch.nonzero(scores.reshape(-1) == self.threshold).squeeze(1)[: self.ties_left]
+            m.view(-1)[tied] = True
+            self.ties_left -= tied.numel()
         return m
 
 
-def select_top_k(scores_of, n: int, k: int, device: torch.device | str = "cpu") -> TopK:
+def _bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
+    """Values (lo, hi) that very probably enclose the k-th largest of n scores, from a
+    strided sample of them; six binomial standard deviations of slack make a miss
+    (handled by an exact fallback) very rare."""
+    m, q = sample.numel(), k / n
+    slack = 6 * math.sqrt(m * q * (1 - q)) + 8
+    i_hi, i_lo = math.floor(q * m - slack), math.ceil(q * m + slack)
+    hi = float(torch.kthvalue(sample, m - i_hi).values) if i_hi >= 0 else float("inf")
+    lo = float(torch.kthvalue(sample, m - i_lo).values) if i_lo < m else float("-inf")
+    return lo, hi
+
+
+def select_top_k(scores_of, n: int, k: int) -> TopK:
     """Find the k-th largest of n scores; `scores_of(slice)` computes scores for a slice.
 
-    The slice may be strided (for the sample). Scores must be finite float32.
+    The slice may be strided (for the sample). Scores must be finite float32; the
+    returned tensor need only stay valid until the next call.
     """
     if k <= 0:
         return TopK(float("inf"), 0)
@@ -83,15 +109,8 @@ def select_top_k(scores_of, n: int, k: int, device: torch.device | str = "cpu") 
         return TopK(float("-inf"), 0)
     if n <= _DIRECT:
         return _exact(scores_of(slice(0, n)), 0, k)
-    # A strided sample brackets the k-th largest value; six binomial standard
-    # deviations of slack make a miss (handled by the exact fallback) very rare.
-    step = n // _SAMPLE
-    sample = scores_of(slice(0, step * _SAMPLE, step))
-    m, q = sample.numel(), k / n
-    slack = 6 * math.sqrt(m * q * (1 - q)) + 8
-    i_hi, i_lo = math.floor(q * m - slack), math.ceil(q * m + slack)
-    hi = float(torch.kthvalue(sample, m - i_hi).values) if i_hi >= 0 else float("inf")
-    lo = float(torch.kthvalue(sample, m - i_lo).values) if i_lo < m else float("-inf")
+    step = _sample_step(n)
+    lo, hi = _bracket(scores_of(slice(0, n, step)), n, k)
     above, candidates = 0, []
     for s, e in chunk_ranges(n):
         sc = scores_of(slice(s, e))
@@ -99,21 +118,61 @@ def select_top_k(scores_of, n: int, k: int, device: torch.device | str = "cpu") 
         candidates.append(sc[(sc >= lo) & (sc <= hi)])
     pool = torch.cat(candidates)
     if not 0 < k - above <= pool.numel():  # the bracket missed: select over everything
-        return _exact(torch.cat([scores_of(slice(s, e)) for s, e in chunk_ranges(n)]), 0, k)
+        return _exact(torch.cat([scores_of(slice(s, e)).clone() for s, e in chunk_ranges(n)]), 0, k)
     return _exact(pool, above, k)
 
 
 def _exact(pool: torch.Tensor, above: int, k: int) -> TopK:
-    """Threshold from `pool`, which holds every score <= the k-th largest's neighbourhood
-    upper bound, `above` scores being larger than everything in it."""
+    """The threshold is in `pool`; `above` scores (not in it) are larger than all of it."""
     r = k - above  # rank of the threshold inside the pool, from the top
     threshold = float(torch.kthvalue(pool, pool.numel() - r + 1).values)
     greater = above + int(torch.count_nonzero(pool > threshold))
     return TopK(threshold, k - greater)
 
 
+def top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x with all but its k largest-magnitude entries zeroed (exactly k; ties go to
+    the lower flat index). Returns a new tensor; x is not modified.
+
+    One pass for the whole tensor: entries above the bracket's upper end are kept
+    outright, entries inside the bracket (about 1%) are settled by selection.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return x.clone()
+    if k <= 0:
+        return torch.zeros_like(x)
+    if n <= _DIRECT:
+        return _exact(flat.abs(), 0, k).trim(flat).reshape(x.shape)
+    lo, hi = _bracket(flat[:: _sample_step(n)].abs(), n, k)
+    if lo <= 0:
+        if int(torch.count_nonzero(flat)) <= k:  # every non-zero entry is in the top k
+            return x.clone()
+        lo = _TINY  # the threshold is positive, and the band below must not hold zeros
+    kept = F.hardshrink(flat, hi) if hi != float("inf") else torch.zeros_like(flat)  # |x| > hi
+    above = int(torch.count_nonzero(kept))
+    band = F.hardshrink(flat, _below(lo)).sub_(kept)  # lo <= |x| <= hi, zero elsewhere
+    index = torch.nonzero(band).squeeze(1)  # ascending flat order
+    values = band[index]
+    r = k - above
+    if not 0 < r <= index.numel():  # the bracket missed
+        return _exact(flat.abs(), 0, k).trim(flat).reshape(x.shape)
+    sel = _exact(values.abs(), 0, r)
+    kept[index] = sel.trim(values)
+    return kept.reshape(x.shape)
+
+
+_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def _below(v: float) -> float:
+    """The float32 just below v, so that hardshrink's strict |x| > t keeps |x| >= v."""
+    return float(torch.nextafter(torch.tensor(v, dtype=torch.float32), torch.tensor(-math.inf)))
+
+
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k largest `scores`, exactly k (ties broken towards lower flat index)."""
+    """Mask of the k largest `scores` (>= 0), exactly k (ties towards lower flat index)."""
     flat = scores.reshape(-1)
     sel = select_top_k(lambda sl: flat[sl], flat.numel(), k)
     return sel.mask(flat).reshape(scores.shape)
@@ -198,13 +257,40 @@ def agrees_with(stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 
 # -- task vectors and geometry ------------------------------------------------------------
-def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-    """Stacked task vectors [K, ...] in float32."""
-    base32 = base.to(torch.float32)
-    out = torch.empty((len(experts), *base.shape), dtype=torch.float32, device=base.device)
+def task_vectors(base: torch.Tensor, experts: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Stacked task vectors [K, ...] in float32 (written into `out` if given)."""
+    if out is None:
+        out = torch.empty((len(experts), *base.shape), dtype=torch.float32, device=base.device)
     for i, x in enumerate(experts):
-        torch.sub(x.to(torch.float32), base32, out=out[i])
+        out[i].copy_(x).sub_(base)  # converts to float32 on the copy, no temporary
     return out
+
+
+class Scratch:
+    """Reusable scratch buffers, one per name.
+
+    A fresh allocation above glibc's mmap threshold (32 MB at most) is new memory that
+    page-faults on first touch, which costs more than the arithmetic done in it. A
+    buffer handed out here is valid until the next `get` with the same name; never
+    return it from a merge method.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        key = (name, dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+SCRATCH = Scratch()
 
 
 def orthogonalize(m: torch.Tensor) -> torch.Tensor:

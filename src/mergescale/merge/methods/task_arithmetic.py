@@ -69,23 +69,24 @@ def _rescale(default: bool) -> Hyperparameter:
 
 
 class _Sparsifier:
-    """One expert's sparsifier, applied chunk by chunk in flat order.
+    """One expert's sparsifier.
 
-    Magnitude-based sparsifiers first select their thresholds over the whole task
-    vector (`scores_of` recomputes |tau| for any slice), then decide membership per chunk.
+    Magnitude-based kinds need the whole task vector to rank it: `trim_whole` does that
+    in one go when the task vector is in memory; otherwise `select_streamed` finds the
+    thresholds (recomputing |tau| slice by slice) and `apply` trims chunk by chunk.
     """
 
-    def __init__(self, kind: str | None, p: dict, rescale: bool, n: int, scores_of, generator):
+    def __init__(self, kind: str | None, p: dict, rescale: bool, n: int, generator):
         self.kind = None if (kind is None or p["density"] >= 1) else kind
         self.density = p.get("density", 1.0)
         self.rescale = rescale
         self.generator = generator
+        self.trimmed = False
         if self.kind == "magnitude":
-            self.top = ops.select_top_k(scores_of, n, ops.magnitude_k(n, self.density))
+            self.k = ops.magnitude_k(n, self.density)
         elif self.kind == "outliers":
             n_top, keep = ops.outlier_band(n, self.density, p["gamma"])
-            self.band = ops.select_top_k(scores_of, n, n_top + keep)
-            self.outliers = ops.select_top_k(scores_of, n, n_top)
+            self.k, self.k_outliers = n_top + keep, n_top
         elif self.kind == "della":
             self.epsilon = p["epsilon"]
             if self.density - self.epsilon <= 0 or self.density + self.epsilon > 1:
@@ -94,15 +95,35 @@ class _Sparsifier:
                     "and density + epsilon <= 1"
                 )
 
+    def trim_whole(self, tau: torch.Tensor) -> None:
+        """Magnitude kinds: trim the whole (flat) task vector in place."""
+        if self.kind == "magnitude":
+            tau.copy_(ops.top_k_trim(tau, self.k))
+        elif self.kind == "outliers":
+            # nested top-k sets: the band is the big set minus the outliers
+            tau.copy_(ops.top_k_trim(tau, self.k).sub_(ops.top_k_trim(tau, self.k_outliers)))
+        else:
+            return
+        self.trimmed = True
+
+    def select_streamed(self, n: int, scores_of) -> None:
+        """Magnitude kinds: find thresholds now, trim per chunk in `apply`."""
+        if self.kind == "magnitude":
+            self.top = ops.select_top_k(scores_of, n, self.k)
+        elif self.kind == "outliers":
+            self.top = ops.select_top_k(scores_of, n, self.k)
+            self.outliers = ops.select_top_k(scores_of, n, self.k_outliers)
+
     def apply(self, tau: torch.Tensor, rows: int) -> torch.Tensor:
         """Sparsify one chunk in place (`rows`: how many rows the chunk holds, for DELLA)."""
         if self.kind is None:
             return tau
-        if self.kind == "magnitude":
-            tau.mul_(self.top.mask(tau.abs()))
-        elif self.kind == "outliers":
-            scores = tau.abs()
-            tau.mul_(self.band.mask(scores) & ~self.outliers.mask(scores))
+        if self.kind in ("magnitude", "outliers"):
+            if not self.trimmed:
+                kept = self.top.trim(tau)
+                if self.kind == "outliers":
+                    kept.sub_(self.outliers.trim(tau))
+                tau.copy_(kept)
         elif self.kind == "random":
             tau.mul_(ops.random_mask(tau, self.density, self.generator))
         elif self.kind == "della":
@@ -124,41 +145,35 @@ RESIDENT_BYTES = 256 * 2**20
 def generalized_task_arithmetic(
     base, experts, expert_params, params, generator, name, *, sparsifier: str | None, consensus: str | None
 ) -> torch.Tensor:
-    """Chunked over the flattened tensor so that memory stays at the inputs plus a few
-    cache-sized buffers, even for an embedding matrix."""
+    """Works on the flattened tensor in cache-sized chunks; memory stays at the inputs
+    plus the task vectors (or, for tensors above RESIDENT_BYTES, a few chunk buffers)."""
     device = base.device
     flat_base = base.reshape(-1)
+    flats = [x.reshape(-1) for x in experts]
     n, k = flat_base.numel(), len(experts)
+    sparsifiers = [_Sparsifier(sparsifier, p, params.get("rescale", False), n, generator) for p in expert_params]
+    resident = None
     if k * n * 4 <= RESIDENT_BYTES:
-        resident = ops.task_vectors(flat_base, [x.reshape(-1) for x in experts])  # [K, N]
-
-        def scores_of(i: int):
-            return lambda sl: resident[i, sl].abs()
+        resident = ops.SCRATCH.get("gta.resident", (k, n), torch.float32, device)
+        ops.task_vectors(flat_base, flats, out=resident)  # [K, N]
+        for i in range(k):
+            sparsifiers[i].trim_whole(resident[i])
     else:
-        resident = None
-        flats = [x.reshape(-1) for x in experts]
+        for i in range(k):
+            sparsifiers[i].select_streamed(n, lambda sl, i=i: ops.f32(flats[i][sl]).sub_(flat_base[sl]).abs_())
 
-        def scores_of(i: int):
-            return lambda sl: ops.f32(flats[i][sl]).sub_(flat_base[sl]).abs_()
-
-    sparsifiers = [
-        _Sparsifier(sparsifier, p, params.get("rescale", False), n, scores_of(i), generator)
-        for i, p in enumerate(expert_params)
-    ]
     weights = [p["weight"] for p in expert_params]
-    w = torch.tensor(weights, dtype=torch.float32, device=device)
+    w = torch.tensor(weights, dtype=torch.float32, device=device).unsqueeze(1)  # [K, 1]
     # DELLA ranks within rows, so its chunks hold whole rows; 1-D tensors are one row.
     row = (base.shape[-1] if base.dim() >= 2 else n) if sparsifier == "della" else 1
     chunks = ops.chunk_ranges(n, align=row)
-    if resident is None:
-        buffer = torch.empty((k, chunks[0][1] if chunks else 0), dtype=torch.float32, device=device)
     out = torch.empty(n, dtype=torch.float32, device=device)
     for s, e in chunks:
         b = ops.f32(flat_base[s:e])
         if resident is not None:
             deltas = resident[:, s:e]  # [K, chunk], a view we may overwrite
         else:
-            deltas = buffer[:, : e - s]  # [K, chunk]
+            deltas = ops.SCRATCH.get("gta.chunk", (k, e - s), torch.float32, device)  # [K, chunk]
             for i in range(k):
                 deltas[i].copy_(flats[i][s:e]).sub_(b)
         for i in range(k):
@@ -166,12 +181,14 @@ def generalized_task_arithmetic(
 
         if consensus is not None:
             votes = deltas.sum(dim=0) if consensus == "sum" else deltas.sign().sum(dim=0)
-            elected = torch.where(votes >= 0, 1.0, -1.0)  # ties of the vote go to +
-            agree = (deltas * elected) > 0  # [K, chunk]; zeros never agree
-            mixed = deltas.mul_(agree).sum(dim=0)
+            # +1 where votes >= 0 (an exact cancellation sums to +0.0); -0.0 only
+            # arises when every entry is zero, and zeros never agree anyway
+            elected = torch.ones_like(votes).copysign_(votes)
+            agreeing = deltas.mul_(elected).relu_()  # |entries| agreeing with the elected sign
+            mixed = agreeing.sum(dim=0).mul_(elected)
             if params["normalize"]:
-                divisor = w @ agree.to(torch.float32)  # sum of weights that contributed
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+                divisor = (agreeing.sign_() * w).sum(dim=0)  # sum of weights that contributed
+                mixed.div_(divisor.add_(divisor == 0))  # nothing contributed: divide by 1
         else:
             mixed = deltas.sum(dim=0)
             if params["normalize"]:

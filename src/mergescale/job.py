@@ -1,4 +1,4 @@
-"""Logging for workflow scripts: everything a job prints goes to its `log:` file."""
+"""Job plumbing for workflow scripts: logging to the rule's `log:` file, thread budget."""
 
 from __future__ import annotations
 
@@ -23,3 +23,10 @@ def log_to(path: str | Path):
             raise
         finally:
             sys.stdout, sys.stderr = old_out, old_err
+
+
+def set_threads(n: int) -> None:
+    """Give torch the rule's `threads` (it would otherwise take every core)."""
+    import torch  # imported here: data and report jobs need no torch
+
+    torch.set_num_threads(max(1, int(n)))

@@ -1,0 +1,121 @@
+"""`mergescale merge` / `mergescale methods` and the mergekit-style YAML parser."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from merge_fixtures import load_state, save_tiny_llama
+from mergescale.cli import main
+from mergescale.merge import MergeInputError, MergeRequest, run_merge
+from mergescale.merge.config import parse_merge_config
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_models")
+    base = save_tiny_llama(root / "base", 0, max_shard_size="1GB")
+    return base, save_tiny_llama(root / "a", 1, like=base), save_tiny_llama(root / "b", 2, like=base)
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def ties_yaml(base, a, b) -> str:
+    return f"""
+merge_method: ties
+base_model: {base}
+models:
+  - model: {base}
+  - model: {a}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+parameters:
+  density: 0.3
+  normalize: true
+dtype: bfloat16
+"""
+
+
+def test_parse_mergekit_yaml(models, tmp_path):
+    import yaml
+
+    base, a, b = models
+    req = parse_merge_config(yaml.safe_load(ties_yaml(base, a, b)), tmp_path / "out", threads=1)
+    assert req.method == "ties" and req.base == base and req.experts == [a, b]  # base entry dropped
+    assert req.expert_params == [{"weight": 1.0, "density": 0.5}, {"weight": 0.5}]
+    assert req.params == {"density": 0.3, "normalize": True}
+    assert req.dtype == "bfloat16" and req.threads == 1 and req.seed == 0
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda y: y.replace("merge_method: ties", "merge_method: tie"), "Did you mean: ties"),
+    (lambda y: y + "slices: []\n", "slices: layer slices are not supported"),
+    (lambda y: y + "colour: red\n", "colour: unknown key"),
+    (lambda y: y.replace("density: 0.3", "density: [0.1, 0.5]"), "parameters.density: per-layer gradients"),
+    (lambda y: y.replace("density: 0.5}", "densty: 0.5}"), r"models\[1\].*'densty'"),
+    (lambda y: y.replace("density: 0.5}", "density: 1.5}"), r"models\[1\].density=1.5 is outside"),
+    (lambda y: y.replace("dtype: bfloat16", "dtype: int4"), "dtype: 'int4'"),
+    (lambda y: y.replace("models:\n  - model:", "models:\n  - model: /nonexistent\n  - model:", 1),
+     r"models\[0\].model: '/nonexistent' is not a local model directory"),
+])
+def test_config_errors_name_the_key(models, tmp_path, edit, match):
+    import yaml
+
+    with pytest.raises(MergeInputError, match=match):
+        parse_merge_config(yaml.safe_load(edit(ties_yaml(*models))), tmp_path / "out")
+
+
+def test_linear_keeps_a_listed_base_as_an_expert(models, tmp_path):
+    base, a, _ = models
+    req = parse_merge_config(
+        {"merge_method": "linear", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(a)}]},
+        tmp_path / "o",
+    )
+    assert req.experts == [base, a]
+
+
+def test_cli_merge_equals_api(models, tmp_path, capsys):
+    base, a, b = models
+    config = write_yaml(tmp_path / "ties.yaml", ties_yaml(base, a, b))
+    assert main(["merge", str(config), str(tmp_path / "cli"), "--threads", "1", "--seed", "3"]) == 0
+    assert "ties of 2 experts" in capsys.readouterr().out
+    run_merge(MergeRequest(method="ties", base=base, experts=[a, b], out_dir=tmp_path / "api", dtype="bfloat16",
+                           params={"density": 0.3, "normalize": True},
+                           expert_params=[{"weight": 1.0, "density": 0.5}, {"weight": 0.5}]))
+    cli, api = load_state(tmp_path / "cli"), load_state(tmp_path / "api")
+    assert all(torch.equal(cli[k], api[k]) for k in api)
+    assert json.loads((tmp_path / "cli" / "merge_card.json").read_text())["seed"] == 3
+
+
+def test_cli_error_is_one_line(models, tmp_path, capsys):
+    config = write_yaml(tmp_path / "bad.yaml", ties_yaml(*models).replace("density: 0.3", "densty: 0.3"))
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mergescale merge: error:") and "densty" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_config(tmp_path, capsys):
+    assert main(["merge", str(tmp_path / "none.yaml"), str(tmp_path / "out")]) == 2
+    assert "none.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_cli_methods_json(capsys):
+    assert main(["methods", "--json"]) == 0
+    methods = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert {"ties", "slerp", "tsv", "layer_swap"} <= set(methods)
+    density = next(h for h in methods["ties"]["hyperparameters"] if h["name"] == "density")
+    assert density["per_expert"] and density["range"] == "(0, 1]" and density["default"] == 1.0
+    assert methods["dare_ties"]["randomised"] and methods["ties"]["needs_base"]
+
+
+def test_cli_methods_text(capsys):
+    assert main(["methods"]) == 0
+    assert "ties [base]:" in capsys.readouterr().out
