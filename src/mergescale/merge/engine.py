@@ -18,6 +18,7 @@ depend on iteration order, prefetching or thread count of the reader.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from mergescale.merge import card as card_module
 from mergescale.merge.checkpoint import Checkpoint
 from mergescale.merge.errors import MergeInputError
-from mergescale.merge.ops import tensor_seed
+from mergescale.merge.ops import SCRATCH, tensor_seed
 from mergescale.merge.output import ShardedWriter, copy_model_files
 from mergescale.merge.registry import MergeMethod, get_method, validate_params
 from mergescale.merge.safetensors_io import PlannedTensor
@@ -185,9 +186,33 @@ def _merge_one(
     return merged
 
 
+_ALLOCATOR_TUNED = False
+
+
+def _tune_allocator() -> None:
+    """Keep freed heap memory for reuse instead of returning it to the OS.
+
+    By default glibc hands freed memory back once more than twice its (adaptive) mmap
+    threshold is free, so every chunk-sized temporary of the next tensor page-faults
+    afresh: a quarter of a merge's CPU time went to the kernel. Process-wide and best
+    effort: a no-op where the C library has no mallopt.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
+    mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD: keep up to 512 MB of free heap
+
+
 def run_merge(req: MergeRequest) -> MergeResult:
     """Merge `req.experts` (and `req.base`) into `req.out_dir`; see the module docstring."""
     start = time.perf_counter()
+    _tune_allocator()
     method = get_method(req.method)
     _check_request(req, method)
     resolved = validate_params(method, req.params, req.expert_params, n_experts=len(req.experts))
@@ -288,6 +313,7 @@ def run_merge(req: MergeRequest) -> MergeResult:
             writer.abort()
         for c in checkpoints:
             c.close()
+        SCRATCH.clear()
         torch.set_num_threads(old_threads)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
