@@ -5,6 +5,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# mergekit (the peer the merge engine is checked against) lives in its own environment:
+# its pins conflict with ours, and it is a test-only dependency.
+MERGEKIT_VENV := .venv-mergekit
+MERGEKIT_STAMP := $(MERGEKIT_VENV)/.installed
 CONFIG ?= config/config.yaml
 CORES ?= all
 
@@ -22,6 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+$(MERGEKIT_STAMP):
+	$(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/pip install --quiet mergekit==0.1.5 torch==2.13.0
+	touch $(MERGEKIT_STAMP)
+
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
 
@@ -32,8 +41,8 @@ report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --allowed-rules aggregate plot all
 	$(BIN)/snakemake --configfile $(CONFIG) --report results/report.html
 
-test: $(STAMP)
-	$(BIN)/pytest -ra
+test: $(STAMP) $(MERGEKIT_STAMP)
+	MERGEKIT_VENV=$(MERGEKIT_VENV) $(BIN)/pytest -ra
 
 clean-results:
 	rm -rf results .snakemake
