@@ -51,10 +51,12 @@ def test_killed_jobs_leave_nothing_finished_and_rerun_matches(smoke_run, tmp_pat
     _kill_when(proc, tmp_path / "results/logs/finetune_expert/smoke/last_letter.log", "step 25/")
     assert not expert.exists()  # the half-trained expert is not there to be mistaken
 
+    snakemake(tmp_path, "--unlock")  # a killed Snakemake leaves its lock behind
     proc = _start(tmp_path)
     _kill_when(proc, tmp_path / "results/logs/evaluate/bases/smoke.log", "scoring")
     assert not (tmp_path / "results/evals/bases/smoke/scores.json").exists()
 
+    snakemake(tmp_path, "--unlock")
     snakemake(tmp_path, "--cores", "2")  # resume
     assert not list(tmp_path.glob("results/**/.*.tmp"))  # no leftovers of the killed jobs
     cols = ["model", "task", "split", "value", "n"]
