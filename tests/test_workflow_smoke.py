@@ -77,17 +77,12 @@ def test_changing_one_method_reruns_only_its_jobs(run_dir, tmp_path):
 
 
 def test_editing_one_method_file_reruns_only_methods_defined_there(run_dir):
-    import functools
-    import inspect
     from pathlib import Path
 
     from mergescale.merge import get_method
 
     def source(name):
-        fn = get_method(name).function
-        while isinstance(fn, functools.partial):  # family settings wrap a shared function
-            fn = fn.func
-        return inspect.getsourcefile(fn)
+        return get_method(name).source_file
 
     path = Path(source("linear"))
     same_file = {m for m, spec in METHODS.items() if source(spec["method"]) == str(path)}

@@ -1,6 +1,4 @@
 # Config validation, wildcard constraints, target lists and input functions.
-import functools
-import inspect
 import sys
 from pathlib import Path
 
@@ -65,10 +63,7 @@ def get_expert_dirs(wildcards):
 
 def get_method_source(wildcards):
     # The file that implements the method: editing it re-runs only its merges.
-    fn = get_method(METHODS[wildcards.method]["method"]).function
-    while isinstance(fn, functools.partial):  # family settings wrap a shared function
-        fn = fn.func
-    return inspect.getsourcefile(fn)
+    return get_method(METHODS[wildcards.method]["method"]).source_file
 
 
 def get_eval_task_yamls(wildcards):

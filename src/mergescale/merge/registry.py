@@ -9,6 +9,8 @@ registry is complete as soon as the package is imported. The workflow, the CLI
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -151,6 +153,14 @@ class MergeMethod:
     # Called once per merge with (tensor names, reference config.json or None); returns
     # extra entries for `params`, e.g. the layer count that layer_swap needs.
     setup: Callable[[list[str], dict | None], dict[str, Any]] | None = None
+
+    @property
+    def source_file(self) -> str:
+        """The file implementing the method (family settings wrap a shared function)."""
+        fn = self.function
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        return inspect.getsourcefile(fn)
 
     def hyperparameter(self, key: str) -> Hyperparameter | None:
         return next((h for h in self.hyperparameters if h.name == key), None)
