@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from mergescale.aggregate import normalized_scores, summary_markdown, tidy_scores
+import pandas as pd
+
+from mergescale.aggregate import normalized_scores, summary_latex, summary_markdown, tidy_scores
 
 HELD_IN = ["first_letter", "max_digit"]
 HELD_OUT = ["second_letter", "min_digit"]
@@ -27,7 +29,7 @@ def files(tmp_path):
         _write(tmp_path, "bases/b", {"first_letter": 0.1, "max_digit": 0.5, "second_letter": 0.2, "min_digit": 0.0}),
         _write(tmp_path, "experts/b/first_letter", {"first_letter": 1.0, "max_digit": 0.4, "second_letter": 0.1, "min_digit": 0.1}),
         _write(tmp_path, "experts/b/max_digit", {"first_letter": 0.1, "max_digit": 0.8, "second_letter": 0.1, "min_digit": 0.3}),
-        _write(tmp_path, "multitask/b/all", {"first_letter": 0.9, "max_digit": 0.8, "second_letter": 0.4, "min_digit": 0.2}),
+        _write(tmp_path, "multitask/b/k2s0", {"first_letter": 0.9, "max_digit": 0.8, "second_letter": 0.4, "min_digit": 0.2}),
         _write(tmp_path, "merged/b/ties/k2s0", {"first_letter": 0.5, "max_digit": 0.6, "second_letter": 0.3, "min_digit": 0.2}),
     ]
 
@@ -61,5 +63,21 @@ def test_normalisation_known_answer(files):
 def test_summary_mentions_every_method_and_gain(files):
     df = tidy_scores(files, HELD_IN, HELD_OUT, COMBOS)
     text = summary_markdown(df, normalized_scores(df, HELD_IN, HELD_OUT, COMBOS), HELD_IN, HELD_OUT)
-    assert "| b | ties | 2 | 1 | 0.625 |" in text
+    assert "| b | b |  | ties | 2 | 1 | 0.625 |" in text
     assert "+0.900" in text  # first_letter expert gain 1.0 - 0.1
+
+
+def test_base_labels_reach_every_row_and_latex(files):
+    labels = {"b": {"size": "0.1M", "quality": "instruct", "parameters": 123}}
+    df = tidy_scores(files, HELD_IN, HELD_OUT, COMBOS, labels)
+    assert set(df["size"]) == {"0.1M"} and set(df.quality) == {"instruct"}
+    norm = normalized_scores(df, HELD_IN, HELD_OUT, COMBOS)
+    # references per subset: the base's zero-shot row and the subset's multitask model
+    assert set(norm.method) == {"base", "multitask", "ties"}
+    assert norm.set_index("method").loc["base"].held_in_normalized == pytest.approx((0.1 / 1.0 + 0.5 / 0.8) / 2)
+    assert set(norm[norm.reference].method) == {"base", "multitask"}
+    # merge cost comes from merge cards only, never a multitask training card
+    assert norm.set_index("method").loc["multitask"].merge_seconds is None or \
+        pd.isna(norm.set_index("method").loc["multitask"].merge_seconds)
+    tex = summary_latex(norm)
+    assert "\\begin{tabular}" in tex and "ties" in tex and "0.625" in tex

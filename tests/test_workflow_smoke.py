@@ -6,6 +6,7 @@ merge method (its config or its code) re-runs only that method's jobs.
 
 import json
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -28,7 +29,7 @@ def run_dir(smoke_run):
 def test_scores_table_is_complete_and_sane(run_dir):
     scores = pd.read_csv(run_dir / "results/tables/scores.csv")
     n_combos = 2  # k=2 and k=3, one subset each
-    n_models = 1 + len(HELD_IN) + 1 + len(METHODS) * n_combos
+    n_models = 1 + len(HELD_IN) + n_combos * (1 + len(METHODS))  # a multitask model per subset
     assert len(scores) == n_models * (len(HELD_IN) + len(HELD_OUT))
     assert scores.value.between(0, 1).all()
     assert (scores.n == SMOKE["data"]["sizes"]["test"]).all()
@@ -42,7 +43,8 @@ def test_scores_table_is_complete_and_sane(run_dir):
 def test_normalized_table_matches_scores(run_dir):
     scores = pd.read_csv(run_dir / "results/tables/scores.csv")
     norm = pd.read_csv(run_dir / "results/tables/normalized.csv")
-    assert set(norm.method) == set(METHODS) | {"multitask"}
+    assert set(norm.method) == set(METHODS) | {"multitask", "base"}
+    assert set(norm[norm.reference].method) == {"multitask", "base"}
     row = norm[(norm.method == "ties") & (norm.k == 3)].iloc[0]
     merged = scores[(scores.method == "ties") & (scores.combo == row.combo)].set_index("task").value
     experts = scores[(scores.kind == "expert") & (scores.task == scores.expert_task)].set_index("task").value
@@ -51,12 +53,18 @@ def test_normalized_table_matches_scores(run_dir):
     assert row.merge_seconds > 0 and row.merge_peak_rss_mb > 0
     summary = (run_dir / "results/tables/summary.md").read_text()
     for method in METHODS:
-        assert f"| smoke | {method} | 3 |" in summary
+        assert f"| smoke | pretrained | {method} | 3 |" in summary
+    assert "\\begin{tabular}" in (run_dir / "results/tables/summary.tex").read_text()
 
 
-def test_figure_and_cards_written(run_dir):
-    png = run_dir / "results/plots/normalized_vs_k.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+def test_figures_findings_and_cards_written(run_dir):
+    for name in ("normalized_vs_k_pretrained", "merged_vs_multitask", "base_quality"):
+        png = run_dir / f"results/plots/{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert png.with_suffix(".pdf").exists()
+    findings = (run_dir / "results/findings.md").read_text()
+    # one base: claims 1, 2 and 4 need more than one base and say so; 3 is computed
+    assert findings.count("Not testable") >= 2 and "size " in findings
     record = json.loads((run_dir / "results/evals/merged/smoke/ties/k2s0/scores.json").read_text())
     assert record["model_card"]["method"] == "ties"
     assert all(len(s["correct"]) == s["n"] for s in record["scores"])
@@ -72,7 +80,7 @@ def test_changing_one_method_reruns_only_its_jobs(run_dir, tmp_path):
     config = tmp_path / "changed.yaml"
     config.write_text(yaml.safe_dump(changed, sort_keys=False))  # same key order: same params
     jobs = planned_jobs(run_dir, config=config)
-    assert jobs == {"merge": 2, "evaluate": 2, "aggregate": 1, "plot": 1, "all": 1}
+    assert jobs == {"merge": 2, "evaluate": 2, "aggregate": 1, "findings": 1, "plot": 1, "all": 1}
     assert all("/ties/" in out for out in planned_outputs(run_dir, "merge", config=config))
 
 
@@ -95,3 +103,39 @@ def test_editing_one_method_file_reruns_only_methods_defined_there(run_dir):
         path.write_text(text)
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert outs and {out.split("/")[3] for out in outs} == same_file
+
+
+def test_tuned_method_uses_the_validation_choice(run_dir):
+    """task_arithmetic is tuned in the smoke config: every grid point was scored on the
+    validation split, the best was chosen, and the test-split model uses exactly it."""
+    from mergescale.merge import get_method
+
+    grid = get_method("task_arithmetic").hyperparameter("lambda").grid
+    for combo in ("k2s0", "k3s0"):
+        record = json.loads((run_dir / f"results/tuning/smoke/task_arithmetic/{combo}.json").read_text())
+        assert [c["params"]["lambda"] for c in record["candidates"]] == list(grid)
+        means = [c["mean"] for c in record["candidates"]]
+        assert record["chosen"]["lambda"] == grid[means.index(max(means))]
+        for c in record["candidates"]:  # the objective is the mean over the combo's tasks
+            assert c["mean"] == pytest.approx(sum(c["validation"].values()) / len(c["validation"]))
+        card = json.loads((run_dir / f"results/merged/smoke/task_arithmetic/{combo}/merge_card.json").read_text())
+        assert card["params"]["lambda"] == record["chosen"]["lambda"]
+
+
+def test_report_regenerates_from_existing_scores(run_dir):
+    """`make report`'s two commands: only the light rules run, and the HTML report holds
+    every figure and table."""
+    from workflow_helpers import REPO, snakemake
+
+    makefile = (REPO / "Makefile").read_text()
+    rules = makefile.split("REPORT_RULES := ", 1)[1].split("\n", 1)[0].split()
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "results/merged").rglob("*.safetensors")}
+    proc = snakemake(run_dir, "--cores", "1", "--allowed-rules", *rules, "--forcerun", "aggregate")
+    ran = set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, flags=re.M))
+    assert {"aggregate", "findings", "plot"} <= ran <= set(rules)  # nothing heavy re-ran
+    assert before == {p: p.stat().st_mtime_ns for p in (run_dir / "results/merged").rglob("*.safetensors")}
+    snakemake(run_dir, "--report", "results/report.html")
+    html = (run_dir / "results/report.html").read_text(errors="replace")
+    for name in ("summary.md", "normalized_vs_k_pretrained.png", "findings.md", "base_quality.png"):
+        assert name in html
+    assert planned_jobs(run_dir) == {}

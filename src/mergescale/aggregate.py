@@ -2,8 +2,9 @@
 
 Normalisation follows Yadav et al. (2024): a merged model's held-in score on task t is
 divided by the score of t's own expert; its held-out score by the base model's score;
-both are also reported relative to the multitask model. Ratios whose denominator is
-zero are left out of the mean (and counted), never silently turned into zeros.
+both are also reported relative to the multitask model trained on the same expert
+subset. Ratios whose denominator is zero are left out of the mean (and counted), never
+silently turned into zeros.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from mergescale.combos import parse_combo
 from mergescale.tasks import get_family
 
 REPORT_SPLIT = "test"
+KINDS = {"bases": "base", "experts": "expert", "multitask": "multitask", "merged": "merged",
+         "ensembles": "ensemble"}
+# Rows of normalized.csv that are references, not merge methods.
+REFERENCES = ("base", "multitask", "ensemble")
 
 
 def describe_model(path: str) -> dict:
@@ -25,41 +30,45 @@ def describe_model(path: str) -> dict:
     parts = Path(path).parts
     i = parts.index("evals")
     kind, base, *rest = parts[i + 1 : -1]
-    row = {"kind": {"bases": "base", "experts": "expert", "multitask": "multitask",
-                    "merged": "merged"}[kind], "base": base, "method": None, "combo": None,
-           "expert_task": None}
+    row = {"kind": KINDS[kind], "base": base, "method": None, "combo": None, "expert_task": None}
     if kind == "bases":
         row["method"] = "base"
     elif kind == "experts":
         row["method"], row["expert_task"] = "expert", rest[0]
-    elif kind == "multitask":
-        row["method"], row["combo"] = "multitask", rest[0]
+    elif kind in ("multitask", "ensembles"):
+        row["method"], row["combo"] = KINDS[kind], rest[0]
     else:
         row["method"], row["combo"] = rest[0], rest[1]
     row["model"] = "/".join(parts[i + 1 : -1])
     return row
 
 
+def _trained_tasks(meta: dict, combos: dict[str, list[str]]) -> set[str]:
+    if meta["kind"] == "expert":
+        return {meta["expert_task"]}
+    if meta["combo"] is not None:
+        return set(combos[meta["combo"]])
+    return set()
+
+
 def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
-                combos: dict[str, list[str]]) -> pd.DataFrame:
+                combos: dict[str, list[str]], base_labels: dict[str, dict] | None = None
+                ) -> pd.DataFrame:
+    """One row per model x task x split, with the model's base labels and merge cost."""
     rows = []
     for path in score_files:
         meta = describe_model(path)
         record = json.loads(Path(path).read_text())
         card = record.get("model_card", {})
-        if meta["kind"] == "expert":
-            trained = {meta["expert_task"]}
-        elif meta["kind"] == "merged":
-            trained = set(combos[meta["combo"]])
-        elif meta["kind"] == "multitask":
-            trained = set(held_in) if meta["combo"] == "all" else set(combos[meta["combo"]])
-        else:
-            trained = set()
-        k = parse_combo(meta["combo"])[0] if meta["combo"] not in (None, "all") else (
-            len(held_in) if meta["combo"] == "all" else None)
+        labels = (base_labels or {}).get(meta["base"], {})
+        trained = _trained_tasks(meta, combos)
+        k = parse_combo(meta["combo"])[0] if meta["combo"] is not None else None
         for s in record["scores"]:
             rows.append({
-                **meta, "k": k, "task": s["task"], "split": s["split"],
+                **meta, "k": k,
+                "size": labels.get("size", meta["base"]), "quality": labels.get("quality", ""),
+                "parameters": labels.get("parameters"),
+                "task": s["task"], "split": s["split"],
                 "cluster": get_family(s["task"]).cluster,
                 "role": "held_in" if s["task"] in held_in else (
                     "held_out" if s["task"] in held_out else "other"),
@@ -67,6 +76,8 @@ def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
                 "metric": s["metric"], "value": s["value"], "stderr": s["stderr"], "n": s["n"],
                 "merge_seconds": card.get("wall_time_s"),
                 "merge_peak_rss_mb": (card["peak_rss_bytes"] / 2**20) if "peak_rss_bytes" in card else None,
+                "merge_params": (json.dumps(card["params"], sort_keys=True)
+                                 if meta["kind"] == "merged" and "params" in card else None),
             })
     df = pd.DataFrame(rows)
     return df.sort_values(["base", "kind", "method", "combo", "expert_task", "task", "split"],
@@ -81,44 +92,92 @@ def _ratio_mean(num: pd.Series, den: pd.Series) -> tuple[float, int]:
     return float((num[ok] / den[ok]).mean()), int((~ok).sum())
 
 
+def _scores_of(group: pd.DataFrame, **where) -> pd.Series:
+    mask = np.ones(len(group), dtype=bool)
+    for column, value in where.items():
+        mask &= (group[column] == value).to_numpy()
+    return group[mask].set_index("task")["value"]
+
+
 def normalized_scores(scores: pd.DataFrame, held_in: list[str], held_out: list[str],
                       combos: dict[str, list[str]]) -> pd.DataFrame:
-    """One row per merged model (and the multitask reference): normalised held-in/out."""
+    """One row per (base, method, combo): every merged model, and the references
+    (base zero-shot, multitask on the subset, output ensemble) for each subset."""
     test = scores[scores["split"] == REPORT_SPLIT]
     out = []
     for base, group in test.groupby("base"):
-        base_score = group[group.kind == "base"].set_index("task")["value"]
+        first_of_base = group.iloc[0]
+        base_score = _scores_of(group, kind="base")
         expert = group[(group.kind == "expert") & (group.task == group.expert_task)]
         expert_score = expert.set_index("task")["value"]
-        multi = group[(group.kind == "multitask") & (group.combo == "all")].set_index("task")["value"]
-        candidates = group[group.kind.isin(["merged", "multitask"])]
-        for (method, combo), model in candidates.groupby(["method", "combo"]):
-            tasks_in = combos[combo] if combo in combos else held_in
-            v = model.set_index("task")["value"]
-            hi, ho = v.reindex(tasks_in), v.reindex(held_out)
-            hi_norm, hi_drop = _ratio_mean(hi, expert_score.reindex(tasks_in))
-            ho_norm, ho_drop = _ratio_mean(ho, base_score.reindex(held_out))
-            hi_mt, _ = _ratio_mean(hi, multi.reindex(tasks_in))
-            ho_mt, _ = _ratio_mean(ho, multi.reindex(held_out))
-            first = model.iloc[0]
-            out.append({
-                "base": base, "method": method, "combo": combo, "k": int(first.k),
-                "held_in_raw": float(hi.mean()), "held_out_raw": float(ho.mean()) if held_out else float("nan"),
-                "held_in_normalized": hi_norm, "held_out_normalized": ho_norm,
-                "held_in_vs_multitask": hi_mt, "held_out_vs_multitask": ho_mt,
-                "held_out_zero_base_tasks": ho_drop, "held_in_zero_expert_tasks": hi_drop,
-                "merge_seconds": first.merge_seconds, "merge_peak_rss_mb": first.merge_peak_rss_mb,
-            })
+        for combo, tasks_in in combos.items():
+            multi = _scores_of(group, kind="multitask", combo=combo)
+            candidates = [("base", base_score, None)]
+            for (method, kind), model in group[group.combo == combo].groupby(["method", "kind"]):
+                # merge cost only for merges (a multitask card's wall time is training)
+                first = model.iloc[0] if kind == "merged" else None
+                candidates.append((method, model.set_index("task")["value"], first))
+            for method, v, first in candidates:
+                hi, ho = v.reindex(tasks_in), v.reindex(held_out)
+                hi_norm, hi_drop = _ratio_mean(hi, expert_score.reindex(tasks_in))
+                ho_norm, ho_drop = _ratio_mean(ho, base_score.reindex(held_out))
+                hi_mt, _ = _ratio_mean(hi, multi.reindex(tasks_in))
+                ho_mt, _ = _ratio_mean(ho, multi.reindex(held_out))
+                out.append({
+                    "base": base, "size": first_of_base["size"], "quality": first_of_base["quality"],
+                    "parameters": first_of_base["parameters"],
+                    "method": method, "reference": method in REFERENCES,
+                    "combo": combo, "k": len(tasks_in),
+                    "held_in_raw": float(hi.mean()),
+                    "held_out_raw": float(ho.mean()) if held_out else float("nan"),
+                    "held_in_normalized": hi_norm, "held_out_normalized": ho_norm,
+                    "held_in_vs_multitask": hi_mt, "held_out_vs_multitask": ho_mt,
+                    "held_out_zero_base_tasks": ho_drop, "held_in_zero_expert_tasks": hi_drop,
+                    "merge_seconds": None if first is None else first.merge_seconds,
+                    "merge_peak_rss_mb": None if first is None else first.merge_peak_rss_mb,
+                    "merge_params": None if first is None else first.merge_params,
+                })
     return pd.DataFrame(out).sort_values(["base", "method", "k", "combo"]).reset_index(drop=True)
 
 
+METRICS = {
+    "held_in_normalized": "held-in (norm.)",
+    "held_out_normalized": "held-out (norm.)",
+    "held_in_vs_multitask": "held-in vs multitask",
+    "held_out_vs_multitask": "held-out vs multitask",
+}
+
+
+def method_table(normalized: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over expert subsets per size x base x method x k."""
+    keys = ["size", "parameters", "quality", "base", "method", "k"]
+    named = {"subsets": ("combo", "count"),
+             "merge_seconds": ("merge_seconds", "mean"),
+             "merge_peak_rss_mb": ("merge_peak_rss_mb", "max")}
+    for column in METRICS:
+        named[f"{column}_mean"] = (column, "mean")
+        named[f"{column}_std"] = (column, "std")
+    table = normalized.groupby(keys, dropna=False).agg(**named).reset_index()
+    return table.sort_values(["parameters", "quality", "base", "method", "k"]).reset_index(drop=True)
+
+
 def _fmt(mean: float, std: float) -> str:
-    if np.isnan(mean):
+    if pd.isna(mean):
         return "n/a"
-    return f"{mean:.3f} ± {std:.3f}" if not np.isnan(std) else f"{mean:.3f}"
+    return f"{mean:.3f} ± {std:.3f}" if pd.notna(std) else f"{mean:.3f}"
 
 
-def _markdown(df: pd.DataFrame) -> str:
+def _display(table: pd.DataFrame) -> pd.DataFrame:
+    shown = {"size": table["size"], "base": table.base, "quality": table.quality,
+             "method": table.method, "k": table.k, "subsets": table.subsets}
+    for column, label in METRICS.items():
+        shown[label] = [_fmt(m, s) for m, s in zip(table[f"{column}_mean"], table[f"{column}_std"])]
+    shown["merge s"] = [f"{x:.2f}" if pd.notna(x) else "-" for x in table.merge_seconds]
+    shown["merge peak RSS MiB"] = [f"{x:.0f}" if pd.notna(x) else "-" for x in table.merge_peak_rss_mb]
+    return pd.DataFrame(shown)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
@@ -126,43 +185,55 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _latex_escape(text: str) -> str:
+    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"),
+                       ("#", r"\#"), ("±", r"$\pm$")):
+        text = text.replace(char, repl)
+    return text
+
+
+def latex_table(df: pd.DataFrame, caption: str) -> str:
+    """A booktabs table (no pandas Styler: that would pull in jinja2 for one table)."""
+    cols = list(df.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{" + "l" * 4 + "r" * (len(cols) - 4) + "}", r"\toprule",
+             " & ".join(_latex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    for _, r in df.iterrows():
+        lines.append(" & ".join(_latex_escape(str(r[c])) for c in cols) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_latex_escape(caption)}}}",
+              r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+TABLE_CAPTION = ("Normalised held-in (merged / the task's expert) and held-out (merged / base) "
+                 "exact match, and both relative to the multitask model of the same expert "
+                 "subset; mean ± standard deviation over expert subsets; merge runtime and peak "
+                 "memory.")
+
+
 def summary_markdown(scores: pd.DataFrame, normalized: pd.DataFrame, held_in: list[str],
                      held_out: list[str]) -> str:
     test = scores[scores["split"] == REPORT_SPLIT]
     parts = ["# mergescale summary", "",
              f"Held-in tasks: {', '.join(held_in)}. Held-out tasks: {', '.join(held_out) or 'none'}.",
-             f"Scores: exact match on the {REPORT_SPLIT} split (lm-eval). Normalised held-in = "
-             "merged / the task's own expert; normalised held-out = merged / base; "
-             "mean ± standard deviation over expert subsets.", ""]
-    agg = (normalized.groupby(["base", "method", "k"])
-           .agg(subsets=("combo", "count"),
-                hi=("held_in_normalized", "mean"), hi_sd=("held_in_normalized", "std"),
-                ho=("held_out_normalized", "mean"), ho_sd=("held_out_normalized", "std"),
-                himt=("held_in_vs_multitask", "mean"), himt_sd=("held_in_vs_multitask", "std"),
-                secs=("merge_seconds", "mean"), rss=("merge_peak_rss_mb", "max"))
-           .reset_index())
-    table = pd.DataFrame({
-        "base": agg.base, "method": agg.method, "k": agg.k, "subsets": agg.subsets,
-        "held-in (norm.)": [_fmt(m, s) for m, s in zip(agg.hi, agg.hi_sd)],
-        "held-out (norm.)": [_fmt(m, s) for m, s in zip(agg.ho, agg.ho_sd)],
-        "held-in vs multitask": [_fmt(m, s) for m, s in zip(agg.himt, agg.himt_sd)],
-        "merge s": [f"{x:.2f}" if pd.notna(x) else "-" for x in agg.secs],
-        "merge peak RSS MiB": [f"{x:.0f}" if pd.notna(x) else "-" for x in agg.rss],
-    })
-    parts += ["## Merged models", "", _markdown(table), ""]
+             f"Scores: exact match on the {REPORT_SPLIT} split (lm-eval). " + TABLE_CAPTION,
+             "Rows `base`, `multitask` and `ensemble` are references, not merges.", ""]
+    parts += ["## Merged models", "", markdown_table(_display(method_table(normalized))), ""]
     gains = []
     for base, group in test.groupby("base"):
-        b = group[group.kind == "base"].set_index("task")["value"]
-        mt = group[(group.kind == "multitask") & (group.combo == "all")].set_index("task")["value"]
+        b = _scores_of(group, kind="base")
         e = group[(group.kind == "expert") & (group.task == group.expert_task)].set_index("task")["value"]
         for task in held_in:
             gains.append({"base": base, "task": task, "base score": f"{b.get(task, np.nan):.3f}",
                           "expert": f"{e.get(task, np.nan):.3f}",
-                          "expert gain": f"{e.get(task, np.nan) - b.get(task, np.nan):+.3f}",
-                          "multitask": f"{mt.get(task, np.nan):.3f}"})
+                          "expert gain": f"{e.get(task, np.nan) - b.get(task, np.nan):+.3f}"})
         for task in held_out:
             gains.append({"base": base, "task": f"{task} (held-out)",
                           "base score": f"{b.get(task, np.nan):.3f}", "expert": "-",
-                          "expert gain": "-", "multitask": f"{mt.get(task, np.nan):.3f}"})
-    parts += ["## Reference models (raw exact match)", "", _markdown(pd.DataFrame(gains)), ""]
+                          "expert gain": "-"})
+    parts += ["## Reference models (raw exact match)", "", markdown_table(pd.DataFrame(gains)), ""]
     return "\n".join(parts)
+
+
+def summary_latex(normalized: pd.DataFrame) -> str:
+    return latex_table(_display(method_table(normalized)), TABLE_CAPTION)

@@ -50,24 +50,50 @@ def check_semantics(config: dict) -> None:
                 f"config key merge.ks: k={k} experts asked for, but tasks.held_in has only "
                 f"{len(held_in)} tasks"
             )
-    for base, spec in config["bases"].items():
+    _check_bases(config["bases"])
+    for name, spec in config["merge"]["methods"].items():
+        where = f"merge.methods.{name}"
+        try:
+            method = get_method(spec["method"])
+            validate_params(method, spec.get("params"))
+            if spec.get("tune"):
+                from mergescale.tuning import search_space
+
+                search_space(spec["method"], spec["tune"], spec.get("params"))
+        except (KeyError, MergeInputError) as err:
+            raise ConfigError(f"config key {where}: {err.args[0]}") from None
+
+
+def _check_bases(bases: dict) -> None:
+    from mergescale.grid import root_base
+
+    required = {"pretrain": ("shape", "pretrain"), "instruct": ("from", "train")}
+    for base, spec in bases.items():
+        for needed in required[spec["source"]]:
+            if needed not in spec:
+                raise ConfigError(
+                    f"config key bases.{base}.{needed}: required for source {spec['source']}")
         if spec["source"] == "pretrain":
-            for needed in ("shape", "pretrain"):
-                if needed not in spec:
-                    raise ConfigError(f"config key bases.{base}.{needed}: required for source pretrain")
             shape = spec["shape"]
             if shape["hidden_size"] % shape["num_attention_heads"]:
                 raise ConfigError(
                     f"config key bases.{base}.shape: hidden_size must be divisible by "
                     f"num_attention_heads"
                 )
-    for name, spec in config["merge"]["methods"].items():
-        where = f"merge.methods.{name}"
-        try:
-            method = get_method(spec["method"])
-            validate_params(method, spec.get("params"))
-        except (KeyError, MergeInputError) as err:
-            raise ConfigError(f"config key {where}: {err.args[0]}") from None
+        else:
+            for key in ("shape", "pretrain"):
+                if key in spec:
+                    raise ConfigError(
+                        f"config key bases.{base}.{key}: an instruct base takes its shape "
+                        f"from bases.{base}.from")
+            if spec["from"] not in bases:
+                raise ConfigError(
+                    f"config key bases.{base}.from: no base named {spec['from']!r} "
+                    f"(bases: {', '.join(bases)})")
+            try:
+                root_base(bases, base)
+            except ValueError as err:
+                raise ConfigError(f"config key bases.{base}.from: {err}") from None
 
 
 def load_config(path: Path) -> dict:

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
-
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
-def build_char_tokenizer(alphabet: list[str]) -> PreTrainedTokenizerFast:
+def char_vocab_size(alphabet: list[str]) -> int:
+    """Vocabulary size of build_char_tokenizer(alphabet), without importing transformers
+    (the workflow computes it while parsing the Snakefile)."""
+    return len(SPECIAL_TOKENS) + len(set(alphabet))
+
+
+def build_char_tokenizer(alphabet: list[str]):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
     specials = list(SPECIAL_TOKENS.values())
     vocab = {tok: i for i, tok in enumerate(specials + sorted(set(alphabet)))}
     # BPE without merges splits the whole text into single characters.
@@ -27,7 +33,7 @@ def build_char_tokenizer(alphabet: list[str]) -> PreTrainedTokenizerFast:
     return tok
 
 
-def save_char_tokenizer(alphabet: list[str], out_dir: Path) -> PreTrainedTokenizerFast:
+def save_char_tokenizer(alphabet: list[str], out_dir: Path):
     tok = build_char_tokenizer(alphabet)
     tok.save_pretrained(out_dir)
     return tok

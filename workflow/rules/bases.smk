@@ -7,6 +7,8 @@ rule pretrain_base:
         "results/logs/pretrain_base/{base}.log",
     benchmark:
         "results/benchmarks/pretrain_base/{base}.tsv"
+    wildcard_constraints:
+        base=one_of(PRETRAINED_BASES),
     params:
         shape=lambda wc: config["bases"][wc.base]["shape"],
         train=lambda wc: config["bases"][wc.base]["pretrain"],
@@ -15,3 +17,27 @@ rule pretrain_base:
         mem_mb=2000,
     script:
         "../scripts/pretrain_base.py"
+
+
+# An "instruction-tuned" base (the paper's PaLM-2-IT): another base further trained on
+# the answers of every task family that is not held-out.
+rule instruct_base:
+    input:
+        unpack(lambda wc: train_files(INSTRUCT_TASKS)),
+        base=lambda wc: f"results/bases/{config['bases'][wc.base]['from']}",
+    output:
+        directory("results/bases/{base}"),
+    log:
+        "results/logs/instruct_base/{base}.log",
+    benchmark:
+        "results/benchmarks/instruct_base/{base}.tsv"
+    wildcard_constraints:
+        base=one_of(INSTRUCT_BASES),
+    params:
+        train=lambda wc: {"seed": config["seed"], **config["bases"][wc.base]["train"]},
+        stage="instruct_base",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    script:
+        "../scripts/finetune.py"

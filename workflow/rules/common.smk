@@ -9,15 +9,28 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from mergescale.combos import expert_subsets
 from mergescale.config import check_semantics
+from mergescale.grid import base_labels, instruct_tasks
 from mergescale.merge import get_method
 
 validate(config, "../schemas/config.schema.yaml")
 check_semantics(config)
 
+def one_of(names):
+    """A wildcard regex matching exactly these names (and nothing when there are none)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
 HELD_IN = config["tasks"]["held_in"]
 HELD_OUT = config["tasks"]["held_out"]
 ALL_TASKS = HELD_IN + HELD_OUT
 BASES = list(config["bases"])
+PRETRAINED_BASES = [b for b in BASES if config["bases"][b]["source"] == "pretrain"]
+INSTRUCT_BASES = [b for b in BASES if config["bases"][b]["source"] == "instruct"]
+BASE_LABELS = base_labels(config["bases"])
+QUALITIES = sorted({labels["quality"] for labels in BASE_LABELS.values()})
+# Instruct bases train on every family that is not held-out, so those need data too.
+INSTRUCT_TASKS = instruct_tasks(HELD_OUT) if INSTRUCT_BASES else []
+DATA_TASKS = ALL_TASKS + [t for t in INSTRUCT_TASKS if t not in ALL_TASKS]
 METHODS = config["merge"]["methods"]
 COMBOS = expert_subsets(
     HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
@@ -27,11 +40,11 @@ SPLITS = ["train", "validation", "test"]
 
 
 wildcard_constraints:
-    base="|".join(map(re.escape, BASES)),
-    task="|".join(map(re.escape, ALL_TASKS)),
+    base=one_of(BASES),
+    task=one_of(DATA_TASKS),
     split="|".join(SPLITS),
     method="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    combo=r"k\d+s\d+|all",
+    combo=r"k\d+s\d+",
 
 
 def model_dirs():
@@ -40,7 +53,7 @@ def model_dirs():
     for base in BASES:
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
-        out.append(f"multitask/{base}/all")
+        out += [f"multitask/{base}/{c}" for c in COMBOS]
         out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in COMBOS]
     return out
 
@@ -49,12 +62,21 @@ def get_final_output():
     return [
         "results/tables/scores.csv",
         "results/tables/summary.md",
-        "results/plots/normalized_vs_k.png",
+        "results/findings.md",
+        *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
+        "results/plots/base_quality.png",
     ]
 
 
 def train_files(tasks):
     return {t: f"results/data/{t}/train.jsonl" for t in tasks}
+
+
+def multitask_train_config(combo):
+    """The multitask run for a subset sees the data its k experts saw together."""
+    spec = dict(config["finetune"]["multitask"])
+    steps = spec.pop("steps_per_task") * len(COMBOS[combo])
+    return {"seed": config["seed"], **spec, "steps": steps}
 
 
 def get_expert_dirs(wildcards):
@@ -64,6 +86,16 @@ def get_expert_dirs(wildcards):
 def get_method_source(wildcards):
     # The file that implements the method: editing it re-runs only its merges.
     return get_method(METHODS[wildcards.method]["method"]).source_file
+
+
+def get_tuning_record(wildcards):
+    if METHODS[wildcards.method].get("tune"):
+        return f"results/tuning/{wildcards.base}/{wildcards.method}/{wildcards.combo}.json"
+    return []
+
+
+def get_validation_task_yamls(wildcards):
+    return [f"results/tasks/{t}_validation.yaml" for t in COMBOS[wildcards.combo]]
 
 
 def get_eval_task_yamls(wildcards):

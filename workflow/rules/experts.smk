@@ -20,16 +20,16 @@ rule finetune_expert:
 
 rule finetune_multitask:
     input:
-        unpack(lambda wc: train_files(HELD_IN)),
+        unpack(lambda wc: train_files(COMBOS[wc.combo])),
         base="results/bases/{base}",
     output:
-        directory("results/multitask/{base}/all"),
+        directory("results/multitask/{base}/{combo}"),
     log:
-        "results/logs/finetune_multitask/{base}/all.log",
+        "results/logs/finetune_multitask/{base}/{combo}.log",
     benchmark:
-        "results/benchmarks/finetune_multitask/{base}/all.tsv"
+        "results/benchmarks/finetune_multitask/{base}/{combo}.tsv"
     params:
-        train=lambda wc: {"seed": config["seed"], **config["finetune"]["multitask"]},
+        train=lambda wc: multitask_train_config(wc.combo),
         stage="finetune_multitask",
     threads: 1
     resources:

@@ -3,6 +3,7 @@ rule merge:
         base="results/bases/{base}",
         experts=get_expert_dirs,
         method_source=get_method_source,
+        tuning=get_tuning_record,
     output:
         merge_output("results/merged/{base}/{method}/{combo}"),
     log:
@@ -19,3 +20,32 @@ rule merge:
         mem_mb=2000,
     script:
         "../scripts/merge.py"
+
+
+# Validation-split hyperparameter search for methods with `tune:` in the config.
+rule tune:
+    input:
+        base="results/bases/{base}",
+        experts=get_expert_dirs,
+        method_source=get_method_source,
+        tasks=get_validation_task_yamls,
+    output:
+        "results/tuning/{base}/{method}/{combo}.json",
+    log:
+        "results/logs/tune/{base}/{method}/{combo}.log",
+    benchmark:
+        "results/benchmarks/tune/{base}/{method}/{combo}.tsv"
+    params:
+        method=lambda wc: METHODS[wc.method]["method"],
+        tune=lambda wc: METHODS[wc.method]["tune"],
+        fixed=lambda wc: METHODS[wc.method].get("params", {}),
+        tasks=lambda wc: COMBOS[wc.combo],
+        dtype=config["merge"]["dtype"],
+        seed=config["seed"],
+        batch_size=config["evaluate"]["batch_size"],
+        limit=config["evaluate"]["limit"],
+    threads: 1
+    resources:
+        mem_mb=3000,
+    script:
+        "../scripts/tune.py"

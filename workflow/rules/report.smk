@@ -4,28 +4,54 @@ rule aggregate:
     output:
         scores=report("results/tables/scores.csv", caption="../report/scores.rst", category="Tables"),
         summary=report("results/tables/summary.md", caption="../report/summary.rst", category="Tables"),
-        normalized="results/tables/normalized.csv",
+        latex=report("results/tables/summary.tex", caption="../report/summary.rst", category="Tables"),
+        normalized=report(
+            "results/tables/normalized.csv", caption="../report/normalized.rst", category="Tables"
+        ),
     log:
         "results/logs/aggregate.log",
     params:
         held_in=HELD_IN,
         held_out=HELD_OUT,
         combos=COMBOS,
-        methods={name: spec["method"] for name, spec in METHODS.items()},
+        base_labels=BASE_LABELS,
     script:
         "../scripts/aggregate.py"
+
+
+rule findings:
+    input:
+        normalized="results/tables/normalized.csv",
+    output:
+        report("results/findings.md", caption="../report/findings.rst", category="Findings"),
+    log:
+        "results/logs/findings.log",
+    script:
+        "../scripts/findings.py"
 
 
 rule plot:
     input:
         normalized="results/tables/normalized.csv",
     output:
-        report(
-            "results/plots/normalized_vs_k.png",
+        normalized_vs_k=report(
+            expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
             caption="../report/normalized_vs_k.rst",
+            category="Figures",
+        ),
+        vs_multitask=report(
+            "results/plots/merged_vs_multitask.png",
+            caption="../report/merged_vs_multitask.rst",
+            category="Figures",
+        ),
+        base_quality=report(
+            "results/plots/base_quality.png",
+            caption="../report/base_quality.rst",
             category="Figures",
         ),
     log:
         "results/logs/plot.log",
+    params:
+        qualities=QUALITIES,
     script:
         "../scripts/plot.py"

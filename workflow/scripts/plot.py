@@ -2,9 +2,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergescale.plots import plot_normalized_vs_k
 from mergescale.job import log_to
+from mergescale.plots import plot_base_quality, plot_merged_vs_multitask, plot_normalized_vs_k
 
 with log_to(snakemake.log[0]) as log:
-    plot_normalized_vs_k(pd.read_csv(snakemake.input.normalized), Path(snakemake.output[0]))
-    log(f"wrote {snakemake.output[0]}")
+    normalized = pd.read_csv(snakemake.input.normalized)
+    out = snakemake.output
+    for quality, path in zip(snakemake.params.qualities, out.normalized_vs_k):
+        plot_normalized_vs_k(normalized, quality, Path(path))
+    plot_merged_vs_multitask(normalized, Path(out.vs_multitask))
+    plot_base_quality(normalized, Path(out.base_quality))
+    log(f"wrote {len(out)} figures")

@@ -65,6 +65,9 @@ class Hyperparameter:
     high_inclusive: bool = True
     per_expert: bool = False
     choices: tuple[str, ...] | None = None
+    # Values searched on the validation split when a config asks to tune the method
+    # (None: not tuned, the default or configured value is used).
+    grid: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.type not in _TYPES:
@@ -72,6 +75,8 @@ class Hyperparameter:
         # A schema whose own default is invalid is a programming error: fail at import.
         if self.default is not None:
             self.check(self.default, where="default")
+        for value in self.grid or ():
+            self.check(value, where="grid")
 
     def check(self, value: Any, where: str = "") -> Any:
         """Return `value` coerced to this type, or raise MergeInputError naming the key."""
@@ -130,6 +135,7 @@ class Hyperparameter:
             "high_inclusive": self.high_inclusive,
             "choices": list(self.choices) if self.choices else None,
             "per_expert": self.per_expert,
+            "grid": list(self.grid) if self.grid else None,
             "description": self.description,
         }
 

@@ -42,7 +42,7 @@ WEIGHT = Hyperparameter(
 DENSITY = Hyperparameter(
     "density", "float", 1.0,
     "Fraction of task-vector entries kept (1 keeps all; TIES uses 0.2, DARE 0.1-0.5).",
-    low=0.0, high=1.0, low_inclusive=False, per_expert=True,
+    low=0.0, high=1.0, low_inclusive=False, per_expert=True, grid=(0.1, 0.2, 0.5),
 )
 GAMMA = Hyperparameter(
     "gamma", "float", 0.01, "Fraction of largest-magnitude entries dropped as outliers.",
@@ -53,7 +53,8 @@ EPSILON = Hyperparameter(
     "Half-width of DELLA's keep-probability range: density -/+ epsilon by magnitude rank.",
     low=0.0, high=0.5, high_inclusive=False, per_expert=True,
 )
-LAMBDA = Hyperparameter("lambda", "float", 1.0, "Scale of the merged task vector added to the base.")
+LAMBDA = Hyperparameter("lambda", "float", 1.0, "Scale of the merged task vector added to the base.",
+                        grid=(0.3, 0.5, 0.7, 1.0))
 
 
 def _normalize(default: bool) -> Hyperparameter:

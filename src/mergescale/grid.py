@@ -1,0 +1,51 @@
+"""The study grid as the config describes it: which bases exist, what they are made
+from, and the labels (size, base quality) that tables and figures group them by."""
+
+from __future__ import annotations
+
+from mergescale.tasks import ALPHABET, FAMILIES
+from mergescale.tokenizer import char_vocab_size
+
+QUALITY_BY_SOURCE = {"pretrain": "pretrained", "instruct": "instruct"}
+
+
+def root_base(bases: dict, name: str) -> str:
+    """The pretrained base an instruct base descends from (itself for a pretrained one)."""
+    seen = [name]
+    while bases[name]["source"] == "instruct":
+        name = bases[name]["from"]
+        if name in seen:
+            raise ValueError(f"bases {' -> '.join(seen + [name])} form a cycle")
+        seen.append(name)
+    return name
+
+
+def llama_parameter_count(shape: dict, vocab_size: int) -> int:
+    """Parameters of the tiny Llama a shape builds (untied head, no biases), without
+    building it: the Snakefile needs the labels while parsing, before torch is loaded."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    per_layer = 4 * h * h + 3 * h * i + 2 * h  # q/k/v/o, gate/up/down, two RMSNorms
+    return 2 * vocab_size * h + shape["num_hidden_layers"] * per_layer + h
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
+
+
+def base_labels(bases: dict) -> dict[str, dict]:
+    """{base: {size, quality, parameters}}; labels default to the parameter count and
+    the source. Parameters are counted from the shape, without building the model."""
+    vocab = char_vocab_size(ALPHABET)
+    out = {}
+    for name, spec in bases.items():
+        root = bases[root_base(bases, name)]
+        params = llama_parameter_count(root["shape"], vocab) if "shape" in root else None
+        size = spec.get("size") or root.get("size") or (_human(params) if params else name)
+        quality = spec.get("quality") or QUALITY_BY_SOURCE[spec["source"]]
+        out[name] = {"size": size, "quality": quality, "parameters": params}
+    return out
+
+
+def instruct_tasks(held_out: list[str]) -> list[str]:
+    """The instruction-tuning mixture: every task family that is not held-out."""
+    return sorted(name for name in FAMILIES if name not in set(held_out))

@@ -1,0 +1,126 @@
+"""The study grid: base labels, instruct bases, tuning search spaces, and the planned DAG
+of config/study.yaml (job counts computed here from the config, independently of the
+workflow's own wiring)."""
+
+import math
+import time
+
+import pytest
+import yaml
+
+from mergescale.config import ConfigError, check_semantics, load_config
+from mergescale.grid import base_labels, instruct_tasks, llama_parameter_count, root_base
+from mergescale.merge.errors import MergeInputError
+from mergescale.models import TinyShape, count_parameters, new_llama
+from mergescale.tasks import ALPHABET, FAMILIES
+from mergescale.tokenizer import build_char_tokenizer, char_vocab_size
+from mergescale.tuning import candidates, search_space
+from workflow_helpers import REPO, planned_jobs
+
+STUDY = REPO / "config" / "study.yaml"
+
+
+@pytest.mark.parametrize("shape", [(64, 2, 4, 256), (128, 4, 4, 256), (256, 4, 8, 1024)])
+def test_parameter_count_without_building_matches_the_model(shape):
+    shape = TinyShape(*shape)
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = new_llama(shape, tokenizer, seed=0)
+    assert char_vocab_size(ALPHABET) == len(tokenizer)
+    assert llama_parameter_count(vars(shape), len(tokenizer)) == count_parameters(model)
+
+
+def test_study_spans_sizes_and_qualities():
+    config = load_config(STUDY)
+    labels = base_labels(config["bases"])
+    params = sorted({v["parameters"] for v in labels.values()})
+    assert len(params) >= 3 and params[-1] / params[0] >= 8
+    for size in {v["size"] for v in labels.values()}:
+        qualities = {v["quality"] for v in labels.values() if v["size"] == size}
+        assert qualities == {"short", "pretrained", "instruct"}
+    assert labels["tiny-m-it"] == {**labels["tiny-m"], "quality": "instruct"}
+    assert root_base(config["bases"], "tiny-l-it") == "tiny-l"
+    assert set(config["merge"]["ks"]) == {2, 4, 6, 8} and config["merge"]["subsets_per_k"] >= 3
+
+
+def test_instruct_mixture_excludes_held_out_only():
+    mixture = instruct_tasks(["second_letter", "min_digit"])
+    assert set(mixture) == set(FAMILIES) - {"second_letter", "min_digit"}
+
+
+def _with_base(spec):
+    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    config["bases"]["it"] = spec
+    return config
+
+
+@pytest.mark.parametrize("spec, key", [
+    ({"source": "instruct", "train": {"steps": 5}}, "bases.it.from"),
+    ({"source": "instruct", "from": "nope", "train": {"steps": 5}}, "bases.it.from"),
+    ({"source": "instruct", "from": "smoke"}, "bases.it.train"),
+    ({"source": "instruct", "from": "smoke", "train": {"steps": 5},
+      "shape": {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+                "intermediate_size": 8}}, "bases.it.shape"),
+    ({"source": "instruct", "from": "it", "train": {"steps": 5}}, "bases.it.from"),
+])
+def test_bad_instruct_base_names_the_key(spec, key):
+    with pytest.raises(ConfigError, match=f"config key {key}"):
+        check_semantics(_with_base(spec))
+
+
+def test_search_space_from_registry_and_config():
+    assert search_space("task_arithmetic", True) == {"lambda": [0.3, 0.5, 0.7, 1.0]}
+    ties = search_space("ties", True)
+    assert set(ties) == {"density", "lambda"}
+    assert len(candidates(ties)) == len(ties["density"]) * len(ties["lambda"])
+    # a hyperparameter fixed in params is not searched
+    assert set(search_space("ties", True, {"lambda": 1.0})) == {"density"}
+    assert search_space("ties", {"density": [0.3]}) == {"density": [0.3]}
+    with pytest.raises(MergeInputError, match="tune.density"):
+        search_space("ties", {"density": [1.5]})
+    with pytest.raises(MergeInputError, match="no registered grid"):
+        search_space("linear", True)
+
+
+def test_tune_on_a_method_without_grid_is_a_config_error():
+    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    config["merge"]["methods"]["average"]["tune"] = True
+    with pytest.raises(ConfigError, match="config key merge.methods.average"):
+        check_semantics(config)
+
+
+def expected_study_jobs(config: dict) -> dict[str, int]:
+    held_in, held_out = config["tasks"]["held_in"], config["tasks"]["held_out"]
+    bases = config["bases"]
+    n_bases = len(bases)
+    n_instruct = sum(spec["source"] == "instruct" for spec in bases.values())
+    n_combos = sum(min(config["merge"]["subsets_per_k"], math.comb(len(held_in), k))
+                   for k in config["merge"]["ks"])
+    methods = config["merge"]["methods"]
+    n_tuned = sum(bool(spec.get("tune")) for spec in methods.values())
+    data_tasks = set(held_in) | set(held_out)
+    if n_instruct:
+        data_tasks |= set(FAMILIES) - set(held_out)
+    splits = set(config["evaluate"]["splits"])
+    yamls = len(held_in + held_out) * len(splits)
+    if n_tuned and "validation" not in splits:
+        yamls += len(held_in)  # validation YAMLs of the tasks tuning may touch
+    models_per_base = 1 + len(held_in) + n_combos * (1 + len(methods))
+    return {
+        "make_task_data": len(data_tasks), "render_task": yamls,
+        "pretrain_base": n_bases - n_instruct, "instruct_base": n_instruct,
+        "finetune_expert": n_bases * len(held_in), "finetune_multitask": n_bases * n_combos,
+        "merge": n_bases * n_combos * len(methods), "tune": n_bases * n_combos * n_tuned,
+        "evaluate": n_bases * models_per_base,
+        "aggregate": 1, "findings": 1, "plot": 1, "all": 1,
+    }
+
+
+def test_study_dry_run_plans_the_whole_grid(tmp_path):
+    config = load_config(STUDY)
+    start = time.perf_counter()
+    jobs = planned_jobs(tmp_path, config=STUDY)
+    seconds = time.perf_counter() - start
+    expected = expected_study_jobs(config)
+    print(f"config/study.yaml: {sum(jobs.values())} jobs planned in {seconds:.1f}s: {jobs}")
+    assert jobs == expected
+    assert seconds < 60
