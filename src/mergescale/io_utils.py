@@ -10,8 +10,8 @@ import errno
 import glob
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -50,10 +50,21 @@ def reporting_write_errors(path: Path | str) -> Iterator[None]:
         raise OutputWriteError(path, e) from e
 
 
+def _temporary_name(path: Path) -> Path:
+    """A fresh ``.<name>.<random>.tmp`` sibling of ``path`` (created with O_EXCL / mkdir).
+
+    Not tempfile's mkstemp/mkdtemp: their mode 0600/0700 would carry over to the
+    finished output, unreadable to colleagues on a shared cluster; os.open and mkdir
+    honour the umask.
+    """
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with reporting_write_errors(path), os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -61,7 +72,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -90,7 +101,8 @@ def atomic_directory(path: Path, *, replace: bool = True) -> Iterator[Path]:
     # (Snakemake never runs two jobs for the same output at once.)
     for stale in _temporaries(path):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = _temporary_name(path)
+    tmp.mkdir()
     try:
         yield tmp
         if path.exists():
