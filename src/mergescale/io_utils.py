@@ -22,18 +22,23 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class OutputWriteError(OSError):
-    """Writing an output file failed; the message names the file and what to do."""
+    """Writing an output file failed; the message names the file and what to do.
 
-    def __init__(self, path: Path | str, cause: OSError):
+    `note` (optional) says what became of the output, e.g. that nothing was kept.
+    """
+
+    def __init__(self, path: Path | str, cause: OSError, note: str | None = None):
         super().__init__(cause.errno, cause.strerror, str(path))
         self.path = Path(path)
+        self.cause = cause
+        why = f" ({cause.strerror or cause})" + (f"; {note}" if note else "")
         if cause.errno in _NO_SPACE:
             self.message = (
-                f"no space left / file too large while writing {path} ({cause.strerror}); "
-                "free disk space (or raise the quota / file size limit) and run again"
+                f"no space left / file too large while writing {path}{why}; free disk "
+                "space (or raise the quota / file size limit) and run again"
             )
         else:
-            self.message = f"cannot write {path} ({cause.strerror or cause})"
+            self.message = f"cannot write {path}{why}"
 
     def __str__(self) -> str:
         return self.message
@@ -41,13 +46,14 @@ class OutputWriteError(OSError):
 
 @contextmanager
 def reporting_write_errors(path: Path | str) -> Iterator[None]:
-    """Turn an OSError raised while writing ``path`` into an OutputWriteError naming it."""
+    """Turn an OSError raised while writing ``path`` into an OutputWriteError naming it
+    (or naming the file the error itself names, when opening one failed)."""
     try:
         yield
     except OutputWriteError:
         raise
     except OSError as e:
-        raise OutputWriteError(path, e) from e
+        raise OutputWriteError(e.filename or path, e) from e
 
 
 def _temporary_name(path: Path) -> Path:

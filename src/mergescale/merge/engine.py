@@ -25,15 +25,16 @@ import logging
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
 
-from mergescale.io_utils import atomic_directory, reporting_write_errors
+from mergescale.io_utils import OutputWriteError, atomic_directory, reporting_write_errors
 from mergescale.merge import card as card_module
 from mergescale.merge.checkpoint import Checkpoint
 from mergescale.merge.errors import MergeInputError
@@ -247,7 +248,8 @@ def run_merge(req: MergeRequest) -> MergeResult:
 
         # Everything is written into a temporary sibling that becomes out_dir only when
         # complete; any error (or a kill, cleared by the next attempt) leaves no out_dir.
-        with atomic_directory(req.out_dir, replace=req.overwrite) as tmp:
+        with atomic_directory(req.out_dir, replace=req.overwrite) as tmp, \
+                _naming_final_paths(tmp, req.out_dir):
             log.info("merging %d tensors of %d inputs with %s into %s",
                      len(names), len(paths), method.name, req.out_dir)
             n_parameters, writer = _stream(req, method, checkpoints, names, plan, has_base,
@@ -287,6 +289,19 @@ def run_merge(req: MergeRequest) -> MergeResult:
             c.close()
         SCRATCH.clear()
         torch.set_num_threads(old_threads)
+
+
+@contextmanager
+def _naming_final_paths(tmp: Path, out_dir: Path) -> Iterator[None]:
+    """Report a failed write under the name the file would have had in out_dir: the
+    temporary directory it was written in is gone by the time the user reads this."""
+    try:
+        yield
+    except OutputWriteError as e:
+        if not e.path.is_relative_to(tmp):
+            raise
+        raise OutputWriteError(out_dir / e.path.relative_to(tmp), e.cause,
+                               note="the merge was abandoned and its temporary files removed") from e.cause
 
 
 def _stream(
