@@ -21,7 +21,8 @@ the CLI turns every such error into exit status 2: test_merge_cli.py::test_cli_e
   truncated / corrupted shard    tests/test_merge_engine.py::test_truncated_shard_named, ::test_corrupt_header_named
   pickle-only checkpoint         tests/test_merge_engine.py::test_pickle_refused_unless_allowed
   vocabulary size mismatch       test_vocabulary_size_mismatch_says_what_to_do,
-                                 test_architecture_difference_reported_before_vocabulary
+                                 test_architecture_difference_reported_before_vocabulary,
+                                 tests/test_merge_engine.py::test_vocabulary_rows_recognised_by_config_vocab_size
   directory without weights      test_directory_without_weights
   trust_remote_code stays off    test_remote_code_never_runs_when_merging,
                                  test_remote_code_never_runs_when_loading,
