@@ -121,10 +121,10 @@ def test_overwrite(models, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-def _merge_err(tmp_path, base, experts, match, **kw):
+def _merge_err(tmp_path, base, experts, match, method="ties", **kw):
     out = tmp_path / "out"
     with pytest.raises(MergeInputError, match=match):
-        run_merge(MergeRequest(method="ties", base=base, experts=experts, out_dir=out, **kw))
+        run_merge(MergeRequest(method=method, base=base, experts=experts, out_dir=out, **kw))
     assert leftovers(tmp_path, out) == []
 
 
@@ -227,3 +227,23 @@ def test_request_errors(models, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     _merge_err(tmp_path, models["base"], [empty], "empty: no model weights")
+
+
+def _raw_checkpoint(path: Path, rows: int, vocab_size: int | None) -> Path:
+    path.mkdir()
+    save_file({"tok.w": torch.zeros(rows, 8), "proj.w": torch.zeros(8, 8)}, path / "model.safetensors")
+    if vocab_size is not None:
+        (path / "config.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    return path
+
+
+def test_vocabulary_rows_recognised_by_config_vocab_size(tmp_path):
+    # A tensor name no pattern knows: its rows count as vocabulary because they equal
+    # each config.json's vocab_size; without configs it is an ordinary shape mismatch.
+    a, b = _raw_checkpoint(tmp_path / "a", 10, 10), _raw_checkpoint(tmp_path / "b", 12, 12)
+    _merge_err(tmp_path, None, [a, b], r"vocabulary size mismatch in tensor 'tok.w': 10 rows in .*a/model"
+               r".* vs 12 rows in .*b/model.*resize the embeddings of .*b to its 10-token vocabulary",
+               method="linear")
+    c, d = _raw_checkpoint(tmp_path / "c", 10, None), _raw_checkpoint(tmp_path / "d", 12, None)
+    _merge_err(tmp_path, None, [c, d], r"tensor 'tok.w': shape \[10, 8\] in .*c/model.* vs \[12, 8\]",
+               method="linear")

@@ -1,7 +1,8 @@
 """Command line: `mergescale merge CONFIG.yaml OUT_DIR`, `mergescale methods [--json]`.
 
 Each subcommand is a `_cmd_*` function registered in `_build_parser`; add new ones there.
-User errors (bad config, bad checkpoint) exit with status 2 and one line on stderr.
+User errors (bad config, bad checkpoint) exit with status 2 and one line on stderr; a
+failed output write (disk full) exits with status 1 and one line naming the file.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from mergescale.io_utils import OutputWriteError
     from mergescale.merge import MergeInputError
 
     try:
@@ -80,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeInputError as e:
         print(f"mergescale {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        print(f"mergescale {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stderr.close()
         return 0

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergescale.remote_code import check_no_remote_code
 from mergescale.tasks.lmeval_yaml import lm_eval_task_name
 
 METRIC = "exact_match"
@@ -33,15 +34,18 @@ class EvalRequest:
 
 
 def _make_lm(req: EvalRequest):
+    # Code shipped with a checkpoint is never run (mergescale.remote_code).
+    check_no_remote_code(req.model_dir)
     if req.backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
         return HFLM(pretrained=str(req.model_dir), device=req.device,
-                    batch_size=req.batch_size, dtype="float32")
+                    batch_size=req.batch_size, dtype="float32", trust_remote_code=False)
     if req.backend == "vllm":
         from lm_eval.models.vllm_causallms import VLLM
 
-        return VLLM(pretrained=str(req.model_dir), batch_size="auto", dtype="auto")
+        return VLLM(pretrained=str(req.model_dir), batch_size="auto", dtype="auto",
+                    trust_remote_code=False)
     raise ValueError(f"unknown evaluation backend {req.backend!r}; use 'hf' or 'vllm'")
 
 

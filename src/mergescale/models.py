@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from mergescale.remote_code import check_no_remote_code
+
 
 @dataclass(frozen=True)
 class TinyShape:
@@ -43,10 +45,13 @@ def new_llama(shape: TinyShape, tokenizer, seed: int) -> LlamaForCausalLM:
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):
-    """Load a local checkpoint; weights must be safetensors (no pickle)."""
+    """Load a local checkpoint; weights must be safetensors (no pickle), and code shipped
+    with the checkpoint is never run (see mergescale.remote_code)."""
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_no_remote_code(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tokenizer
 
 

@@ -8,12 +8,14 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from mergescale.combos import expert_subsets
-from mergescale.config import check_semantics
+from mergescale.config import check_schema, check_semantics
 from mergescale.grid import base_labels, instruct_tasks
 from mergescale.merge import get_method
 
-validate(config, "../schemas/config.schema.yaml")
+check_schema(config)  # one line naming the key, before Snakemake's verbose report
+validate(config, "../schemas/config.schema.yaml")  # (also fills in defaults)
 check_semantics(config)
+
 
 def one_of(names):
     """A wildcard regex matching exactly these names (and nothing when there are none)."""

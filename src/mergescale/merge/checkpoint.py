@@ -33,6 +33,15 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+def _contents(path: Path, shown: int = 5) -> str:
+    """'the directory is empty', or its first few entries, for messages about what is missing."""
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return "the directory is empty"
+    more = f", ... ({len(entries)} entries)" if len(entries) > shown else ""
+    return "it holds only " + ", ".join(entries[:shown]) + more
+
+
 class Checkpoint:
     """Tensors of one model directory, read lazily.
 
@@ -43,7 +52,8 @@ class Checkpoint:
     def __init__(self, path: Path | str, *, allow_pickle: bool = False):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise MergeInputError(f"{self.path}: not a directory (expected a model checkpoint)")
+            what = "is a file" if self.path.exists() else "does not exist"
+            raise MergeInputError(f"{self.path}: not a directory ({what}; expected a model checkpoint)")
         config_path = self.path / "config.json"
         self.config: dict | None = _load_json(config_path) if config_path.is_file() else None
         self._fds: dict[Path, int] = {}
@@ -96,7 +106,10 @@ class Checkpoint:
     def _load_pickle(self, allow_pickle: bool) -> None:
         present = [n for n in PICKLE_NAMES if (self.path / n).is_file()]
         if not present:
-            raise MergeInputError(f"{self.path}: no model weights (*.safetensors or pytorch_model.bin) found")
+            raise MergeInputError(
+                f"{self.path}: no model weights (*.safetensors or pytorch_model.bin) found; "
+                f"{_contents(self.path)}"
+            )
         if not allow_pickle:
             raise MergeInputError(
                 f"{self.path / present[0]}: pickle checkpoints are refused (they can run code "

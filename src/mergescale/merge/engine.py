@@ -9,9 +9,11 @@ shard being written, so memory holds a few tensors per expert, never whole model
         read base + experts (a reader thread fetches the next tensor meanwhile)
         check finite -> to device, float32 -> method(...) -> output dtype -> shard file
     copy config/tokenizer files, write merge_card.json + README.md
-    os.replace(temporary sibling directory, out_dir)
+    os.replace(temporary sibling directory, out_dir)     -- mergescale.io_utils.atomic_directory
 
-Any error removes the temporary directory, so out_dir either is complete or absent.
+Any error removes the temporary directory, so out_dir either is complete or absent; a
+merge killed outright leaves a `.<out_dir name>.*.tmp` sibling that the next attempt
+removes. A failed write (disk full) raises OutputWriteError naming the file.
 Randomised methods get a generator seeded from (seed, tensor name): results do not
 depend on iteration order, prefetching or thread count of the reader.
 """
@@ -20,20 +22,19 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
 
+from mergescale.io_utils import OutputWriteError, atomic_directory, reporting_write_errors
 from mergescale.merge import card as card_module
 from mergescale.merge.checkpoint import Checkpoint
 from mergescale.merge.errors import MergeInputError
@@ -227,9 +228,6 @@ def run_merge(req: MergeRequest) -> MergeResult:
     paths = ([base_path] if has_base else []) + req.experts
     checkpoints: list[Checkpoint] = []
     old_threads = torch.get_num_threads()
-    tmp: Path | None = None
-    reader: _Reader | None = None
-    writer: ShardedWriter | None = None
     try:
         for p in paths:
             checkpoints.append(Checkpoint(p, allow_pickle=req.allow_pickle))
@@ -248,20 +246,89 @@ def run_merge(req: MergeRequest) -> MergeResult:
         if req.threads:
             torch.set_num_threads(req.threads)
 
-        req.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{req.out_dir.name}.tmp-", dir=req.out_dir.parent))
-        writer = ShardedWriter(tmp, plan, req.max_shard_bytes)
-        reader = _Reader(checkpoints, names, req.prefetch)
-        log.info("merging %d tensors of %d inputs with %s into %s", len(names), len(paths), method.name, req.out_dir)
-        n_parameters = 0
+        # Everything is written into a temporary sibling that becomes out_dir only when
+        # complete; any error (or a kill, cleared by the next attempt) leaves no out_dir.
+        with atomic_directory(req.out_dir, replace=req.overwrite) as tmp, \
+                _naming_final_paths(tmp, req.out_dir):
+            log.info("merging %d tensors of %d inputs with %s into %s",
+                     len(names), len(paths), method.name, req.out_dir)
+            n_parameters, writer = _stream(req, method, checkpoints, names, plan, has_base,
+                                           resolved.expert_params, params, device, tmp, start)
+            copied = copy_model_files(ref.path, tmp, out_dtype)
+            card = {
+                "method": method.name,
+                "description": method.description,
+                "paper": method.paper,
+                "params": resolved.params,
+                "base": {"path": str(base_path.resolve())} if base_path is not None else None,
+                "experts": [
+                    {"path": str(p.resolve()), "params": ep} for p, ep in zip(req.experts, resolved.expert_params)
+                ],
+                "seed": req.seed,
+                "dtype": req.dtype or "as input",
+                "device": req.device,
+                "threads": torch.get_num_threads(),
+                "n_tensors": len(names),
+                "n_parameters": n_parameters,
+                "output_bytes": writer.total_bytes,
+                "shards": writer.names,
+                "copied_files": copied,
+                "versions": card_module.library_versions(),
+                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "wall_time_s": round(time.perf_counter() - start, 3),
+                "peak_rss_bytes": card_module.peak_rss_bytes(),
+            }
+            with reporting_write_errors(tmp / card_module.CARD_NAME):
+                card_module.write_card(tmp, card)
+        log.info("merged %s in %.1f s", req.out_dir, card["wall_time_s"])
+        return MergeResult(req.out_dir, card)
+    except FileExistsError as e:  # out_dir appeared while merging, and overwrite is off
+        raise MergeInputError(str(e)) from None
+    finally:
+        for c in checkpoints:
+            c.close()
+        SCRATCH.clear()
+        torch.set_num_threads(old_threads)
+
+
+@contextmanager
+def _naming_final_paths(tmp: Path, out_dir: Path) -> Iterator[None]:
+    """Report a failed write under the name the file would have had in out_dir: the
+    temporary directory it was written in is gone by the time the user reads this."""
+    try:
+        yield
+    except OutputWriteError as e:
+        if not e.path.is_relative_to(tmp):
+            raise
+        raise OutputWriteError(out_dir / e.path.relative_to(tmp), e.cause,
+                               note="the merge was abandoned and its temporary files removed") from e.cause
+
+
+def _stream(
+    req: MergeRequest,
+    method: MergeMethod,
+    checkpoints: list[Checkpoint],
+    names: list[str],
+    plan: list[PlannedTensor],
+    has_base: bool,
+    expert_params: list[dict],
+    params: dict,
+    device: torch.device,
+    tmp: Path,
+    start: float,
+) -> tuple[int, ShardedWriter]:
+    """Read, merge and write every tensor into shards in `tmp`; returns (parameters, writer)."""
+    writer = ShardedWriter(tmp, plan, req.max_shard_bytes)
+    reader = _Reader(checkpoints, names, req.prefetch)
+    n_parameters = 0
+    try:
         bar = tqdm(total=len(names), unit="tensor", desc=f"merge {method.name}", file=sys.stderr,
                    disable=None if req.progress is None else not req.progress)
         log_every = max(1, len(names) // 10)  # log lines stand in for the bar in log files
         for i, (name, planned) in enumerate(zip(names, plan)):
             tensors = reader.get(i)
             if tensors[0].is_floating_point():
-                merged = _merge_one(method, tensors, has_base, resolved.expert_params, params,
-                                    req.seed, name, device)
+                merged = _merge_one(method, tensors, has_base, expert_params, params, req.seed, name, device)
             else:  # integer buffers (e.g. position ids) are not merged: copy the reference
                 merged = tensors[0]
             del tensors
@@ -272,61 +339,10 @@ def run_merge(req: MergeRequest) -> MergeResult:
             if bar.disable and ((i + 1) % log_every == 0 or i + 1 == len(names)):
                 log.info("merged %d/%d tensors (%.0f s)", i + 1, len(names), time.perf_counter() - start)
         bar.close()
-        reader.close()
-        reader = None
         writer.close()
-        shards = writer.names
-        copied = copy_model_files(ref.path, tmp, out_dtype)
-
-        card = {
-            "method": method.name,
-            "description": method.description,
-            "paper": method.paper,
-            "params": resolved.params,
-            "base": {"path": str(base_path.resolve())} if base_path is not None else None,
-            "experts": [
-                {"path": str(p.resolve()), "params": ep} for p, ep in zip(req.experts, resolved.expert_params)
-            ],
-            "seed": req.seed,
-            "dtype": req.dtype or "as input",
-            "device": req.device,
-            "threads": torch.get_num_threads(),
-            "n_tensors": len(names),
-            "n_parameters": n_parameters,
-            "output_bytes": writer.total_bytes,
-            "shards": shards,
-            "copied_files": copied,
-            "versions": card_module.library_versions(),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_time_s": round(time.perf_counter() - start, 3),
-            "peak_rss_bytes": card_module.peak_rss_bytes(),
-        }
-        card_module.write_card(tmp, card)
-        _install(tmp, req.out_dir, req.overwrite)
-        tmp = None
-        log.info("merged %s in %.1f s", req.out_dir, card["wall_time_s"])
-        return MergeResult(req.out_dir, card)
+    except BaseException:
+        writer.abort()
+        raise
     finally:
-        if reader is not None:
-            reader.close()
-        if writer is not None and tmp is not None:
-            writer.abort()
-        for c in checkpoints:
-            c.close()
-        SCRATCH.clear()
-        torch.set_num_threads(old_threads)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished directory into place; an old out_dir goes only after that."""
-    if out_dir.exists():
-        if not overwrite:
-            raise MergeInputError(f"{out_dir} appeared while merging; not replacing it")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+        reader.close()
+    return n_parameters, writer

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mergescale.io_utils import reporting_write_errors
 from mergescale.merge.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
 
 # Files copied verbatim from the reference input (base, or first expert without base).
@@ -80,7 +81,8 @@ class ShardedWriter:
             weight_map = {t.name: fname for shard, fname in zip(self.shards, self.names) for t in shard}
             total = sum(t.nbytes for shard in self.shards for t in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            with open(self.out_dir / "model.safetensors.index.json", "w") as f:
+            path = self.out_dir / "model.safetensors.index.json"
+            with reporting_write_errors(path), open(path, "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
                 f.write("\n")
 
@@ -105,12 +107,13 @@ def copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None) -> lis
             keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
             for key in keys:
                 config[key] = DTYPE_NAMES[out_dtype]
-        with open(dst / "config.json", "w") as f:
+        with reporting_write_errors(dst / "config.json"), open(dst / "config.json", "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
         copied.append("config.json")
     for entry in sorted(src.iterdir()):
         if entry.is_file() and any(fnmatch.fnmatch(entry.name, pat) for pat in MODEL_FILES):
-            shutil.copy2(entry, dst / entry.name)
+            with reporting_write_errors(dst / entry.name):
+                shutil.copy2(entry, dst / entry.name)
             copied.append(entry.name)
     return copied

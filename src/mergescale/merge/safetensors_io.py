@@ -26,6 +26,7 @@ from typing import Iterable
 
 import torch
 
+from mergescale.io_utils import reporting_write_errors
 from mergescale.merge.errors import MergeInputError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -171,9 +172,10 @@ class StreamingSafetensorsWriter:
         self.total_bytes = offset
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % _ALIGN)  # pad so tensor data starts 8-byte aligned
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        with reporting_write_errors(self.path):
+            self._file = open(self.path, "wb")
+            self._file.write(struct.pack("<Q", len(raw)))
+            self._file.write(raw)
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -185,16 +187,22 @@ class StreamingSafetensorsWriter:
             )
         if tensor.numel():
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._file.write(memoryview(data.numpy()))
+            # a full disk raises here (buffered writes retry short writes until an error)
+            with reporting_write_errors(self.path):
+                self._file.write(memoryview(data.numpy()))
         self._next += 1
 
     def close(self) -> None:
         if self._file.closed:
             return
         missing = len(self._plan) - self._next
-        self._file.close()
+        with reporting_write_errors(self.path):  # flushes the last buffered bytes
+            self._file.close()
         if missing:
             raise RuntimeError(f"{self.path}: closed with {missing} tensors not written")
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the flush failed too (disk still full): the file is discarded anyway
+            pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from mergescale.merge.checkpoint import Checkpoint
@@ -9,6 +11,11 @@ from mergescale.merge.errors import MergeInputError
 
 # config.json keys that must agree for tensors with equal names to mean the same thing.
 _ARCHITECTURE_KEYS = ("model_type", "architectures")
+# Tensors with one row per vocabulary entry (input embeddings, output heads) across
+# common architectures; a row count equal to config.json's vocab_size also counts.
+_VOCAB_TENSOR = re.compile(
+    r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings|shared)\.weight$"
+)
 
 
 def check_configs(checkpoints: list[Checkpoint]) -> None:
@@ -48,18 +55,52 @@ def check_tensors(checkpoints: list[Checkpoint]) -> list[str]:
                 f"tensor {extra[0]!r} is missing from {ref.path} "
                 f"(present in {other.file_of(extra[0])}; {len(extra)} missing in all)"
             )
+        _check_shapes(ref, other)
         for name in ref.names:
-            if other.shape(name) != ref.shape(name):
-                raise MergeInputError(
-                    f"tensor {name!r}: shape {list(ref.shape(name))} in {ref.file_of(name)} "
-                    f"vs {list(other.shape(name))} in {other.file_of(name)}"
-                )
             if other.dtype(name) != ref.dtype(name):
                 raise MergeInputError(
                     f"tensor {name!r}: dtype {ref.dtype(name)} in {ref.file_of(name)} "
                     f"vs {other.dtype(name)} in {other.file_of(name)}"
                 )
     return list(ref.names)
+
+
+def _vocab_size(checkpoint: Checkpoint) -> int | None:
+    config = checkpoint.config or {}
+    size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
+def _is_vocab_rows(name: str, a: Checkpoint, b: Checkpoint) -> bool:
+    """Shapes of `name` differ only in the row count, and the rows are vocabulary entries."""
+    sa, sb = a.shape(name), b.shape(name)
+    if len(sa) != len(sb) or not sa or sa[0] == sb[0] or sa[1:] != sb[1:]:
+        return False
+    return bool(_VOCAB_TENSOR.search(name)) or (_vocab_size(a), _vocab_size(b)) == (sa[0], sb[0])
+
+
+def _check_shapes(ref: Checkpoint, other: Checkpoint) -> None:
+    """Shapes agree. A different architecture is reported before a vocabulary mismatch,
+    since resizing embeddings would not fix it."""
+    differing = [n for n in ref.names if other.shape(n) != ref.shape(n)]
+    if not differing:
+        return
+    structural = [n for n in differing if not _is_vocab_rows(n, ref, other)]
+    if structural:
+        name = structural[0]
+        raise MergeInputError(
+            f"tensor {name!r}: shape {list(ref.shape(name))} in {ref.file_of(name)} "
+            f"vs {list(other.shape(name))} in {other.file_of(name)}"
+        )
+    name = differing[0]
+    rows, other_rows = ref.shape(name)[0], other.shape(name)[0]
+    raise MergeInputError(
+        f"vocabulary size mismatch in tensor {name!r}: {rows} rows in {ref.file_of(name)} vs "
+        f"{other_rows} rows in {other.file_of(name)}. Every model must use the tokenizer of "
+        f"{ref.path}: resize the embeddings of {other.path} to its {rows}-token vocabulary "
+        "before merging (if the tokenizers agree on the shared tokens), or pick experts "
+        "fine-tuned from the same base"
+    )
 
 
 def check_finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> None:
