@@ -24,6 +24,8 @@ COMBOS = expert_subsets(
 )
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
+# Data for the statistics of data-aware methods (and their fits): split and examples.
+STATS = {"split": "validation", "examples": 64, **config["merge"].get("stats", {})}
 
 
 wildcard_constraints:
@@ -72,3 +74,20 @@ def get_eval_task_yamls(wildcards):
 
 def merge_output(path):
     return temp(directory(path)) if config["merge"]["temporary"] else directory(path)
+
+
+def get_stats_data(wildcards):
+    return f"results/data/{wildcards.task}/{STATS['split']}.jsonl"
+
+
+def get_merge_data_inputs(wildcards):
+    """Statistics (compute_stats) or validation data (a fit) that a data-aware method reads."""
+    method = get_method(METHODS[wildcards.method]["method"])
+    tasks = COMBOS[wildcards.combo]
+    inputs = {}
+    if method.needs_stats_rule:
+        inputs["stats"] = [f"results/stats/{wildcards.base}/{t}" for t in tasks]
+    if method.needs_data:
+        inputs["data"] = [f"results/data/{t}/{STATS['split']}.jsonl" for t in tasks]
+    return inputs
+

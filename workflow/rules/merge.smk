@@ -3,6 +3,7 @@ rule merge:
         base="results/bases/{base}",
         experts=get_expert_dirs,
         method_source=get_method_source,
+        unpack(get_merge_data_inputs),
     output:
         merge_output("results/merged/{base}/{method}/{combo}"),
     log:

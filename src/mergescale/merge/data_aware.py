@@ -56,10 +56,13 @@ class Fitted:
     card: dict[str, Any] = field(default_factory=dict)  # what the fit learned, for the card
 
 
-def merge_with_data(req: MergeRequest, data: list[Path] | None = None, log=print) -> MergeResult:
+def merge_with_data(req: MergeRequest, data: list[Path] | None = None, log=print,
+                    fit_device: str | None = None) -> MergeResult:
     """Merge like run_merge; methods with a fit first run it on `data`.
 
     data: one validation JSONL per expert, in the order of req.experts.
+    fit_device: where the fit runs models; default: the GPU if there is one (the
+        streaming merge itself stays on req.device).
     """
     method = get_method(req.method)
     if method.fit is None:
@@ -72,7 +75,9 @@ def merge_with_data(req: MergeRequest, data: list[Path] | None = None, log=print
     resolved = validate_params(method, req.params, req.expert_params, n_experts=len(req.experts))
     if method.needs_base and req.base is None:
         raise MergeInputError(f"{method.name} needs a base model (base_model)")
-    device = torch.device(req.device)
+    from mergescale.stats import default_device
+
+    device = torch.device(fit_device or default_device())
     req.out_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if device.type == "cuda":

@@ -65,7 +65,7 @@ def learn_coefficients(logits_fn, base: dict[str, torch.Tensor], task_vectors: l
     history = []
     for step in range(steps):
         loss = mean_entropy(logits_fn(merged(lam), batches[step % len(batches)]))
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
