@@ -272,3 +272,36 @@ def test_data_aware_methods_refuse_missing_inputs(trained, tmp_path):
         run_merge(MergeRequest(method="fisher", experts=trained["experts"], out_dir=tmp_path / "f",
                                stats=[trained["stats"][0], missing]))
     assert not (tmp_path / "f").exists()
+
+
+# -- the workflow -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_workflow_runs_statistics_and_data_aware_merges(tmp_path):
+    """compute_stats plus one statistics method and one fitted method on the smoke slice."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from workflow_helpers import SMOKE_CONFIG, snakemake
+
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["merge"]["methods"] = {"regmean": {"method": "regmean"},
+                                  "adamerging": {"method": "adamerging", "params": {"steps": 5, "examples": 10}}}
+    config["merge"]["stats"] = {"split": "validation", "examples": 10}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    combo = "k2s0"
+    targets = [f"results/evals/merged/smoke/{m}/{combo}/scores.json" for m in ("regmean", "adamerging")]
+    snakemake(tmp_path, "--cores", "2", *targets, config=config_path)
+    experts = sorted(p.name for p in (tmp_path / "results/stats/smoke").iterdir())
+    assert len(experts) == 2  # statistics only for the two experts of the one combo asked for
+    for m in ("regmean", "adamerging"):
+        record = json.loads((tmp_path / f"results/evals/merged/smoke/{m}/{combo}/scores.json").read_text())
+        assert all(0 <= s["value"] <= 1 for s in record["scores"])
+        card = record["model_card"]
+        AutoModelForCausalLM.from_pretrained(tmp_path / f"results/merged/smoke/{m}/{combo}")
+    assert (tmp_path / "results/benchmarks/compute_stats/smoke" / f"{experts[0]}.tsv").is_file()
+    regmean_card = json.loads((tmp_path / f"results/merged/smoke/regmean/{combo}/merge_card.json").read_text())
+    assert [c["examples"] for c in regmean_card["stats"]["cards"]] == [10, 10]
+    assert card["fit"]["seconds"] > 0 and len(card["fit"]["coefficients"]) == 2

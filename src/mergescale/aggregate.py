@@ -40,6 +40,20 @@ def describe_model(path: str) -> dict:
     return row
 
 
+def _cost_columns(card: dict) -> dict:
+    """Runtime and memory of a merge: the whole job (a data-aware fit included) and, for
+    methods reading statistics, the compute_stats jobs it used (summed, peak)."""
+    fit = card.get("fit", {}).get("seconds")
+    stats = card.get("stats", {}).get("cards", [])
+    return {
+        "merge_seconds": None if card.get("wall_time_s") is None else card["wall_time_s"] + (fit or 0),
+        "merge_peak_rss_mb": (card["peak_rss_bytes"] / 2**20) if "peak_rss_bytes" in card else None,
+        "fit_seconds": fit,
+        "stats_seconds": sum(c.get("seconds", 0) for c in stats) if stats else None,
+        "stats_peak_rss_mb": max(c.get("peak_rss_bytes", 0) for c in stats) / 2**20 if stats else None,
+    }
+
+
 def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
                 combos: dict[str, list[str]]) -> pd.DataFrame:
     rows = []
@@ -65,8 +79,7 @@ def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
                     "held_out" if s["task"] in held_out else "other"),
                 "trained_on": s["task"] in trained,
                 "metric": s["metric"], "value": s["value"], "stderr": s["stderr"], "n": s["n"],
-                "merge_seconds": card.get("wall_time_s"),
-                "merge_peak_rss_mb": (card["peak_rss_bytes"] / 2**20) if "peak_rss_bytes" in card else None,
+                **_cost_columns(card),
             })
     df = pd.DataFrame(rows)
     return df.sort_values(["base", "kind", "method", "combo", "expert_task", "task", "split"],
@@ -108,6 +121,7 @@ def normalized_scores(scores: pd.DataFrame, held_in: list[str], held_out: list[s
                 "held_in_vs_multitask": hi_mt, "held_out_vs_multitask": ho_mt,
                 "held_out_zero_base_tasks": ho_drop, "held_in_zero_expert_tasks": hi_drop,
                 "merge_seconds": first.merge_seconds, "merge_peak_rss_mb": first.merge_peak_rss_mb,
+                "stats_seconds": first.stats_seconds, "stats_peak_rss_mb": first.stats_peak_rss_mb,
             })
     return pd.DataFrame(out).sort_values(["base", "method", "k", "combo"]).reset_index(drop=True)
 
@@ -139,7 +153,8 @@ def summary_markdown(scores: pd.DataFrame, normalized: pd.DataFrame, held_in: li
                 hi=("held_in_normalized", "mean"), hi_sd=("held_in_normalized", "std"),
                 ho=("held_out_normalized", "mean"), ho_sd=("held_out_normalized", "std"),
                 himt=("held_in_vs_multitask", "mean"), himt_sd=("held_in_vs_multitask", "std"),
-                secs=("merge_seconds", "mean"), rss=("merge_peak_rss_mb", "max"))
+                secs=("merge_seconds", "mean"), rss=("merge_peak_rss_mb", "max"),
+                stats_secs=("stats_seconds", "mean"), stats_rss=("stats_peak_rss_mb", "max"))
            .reset_index())
     table = pd.DataFrame({
         "base": agg.base, "method": agg.method, "k": agg.k, "subsets": agg.subsets,
@@ -148,6 +163,9 @@ def summary_markdown(scores: pd.DataFrame, normalized: pd.DataFrame, held_in: li
         "held-in vs multitask": [_fmt(m, s) for m, s in zip(agg.himt, agg.himt_sd)],
         "merge s": [f"{x:.2f}" if pd.notna(x) else "-" for x in agg.secs],
         "merge peak RSS MiB": [f"{x:.0f}" if pd.notna(x) else "-" for x in agg.rss],
+        # data-aware methods: the compute_stats jobs of the merged experts (seconds summed)
+        "stats s": [f"{x:.2f}" if pd.notna(x) else "-" for x in agg.stats_secs],
+        "stats peak RSS MiB": [f"{x:.0f}" if pd.notna(x) else "-" for x in agg.stats_rss],
     })
     parts += ["## Merged models", "", _markdown(table), ""]
     gains = []

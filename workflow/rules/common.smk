@@ -7,7 +7,7 @@ from snakemake.utils import validate
 # The package lives in src/; a source checkout works without installing it.
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
-from mergescale.combos import expert_subsets
+from mergescale.combos import expert_subsets, parse_combo
 from mergescale.config import check_semantics
 from mergescale.merge import get_method
 
@@ -43,8 +43,14 @@ def model_dirs():
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
         out.append(f"multitask/{base}/all")
-        out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in COMBOS]
+        out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in method_combos(m)]
     return out
+
+
+def method_combos(name):
+    """Expert subsets merged with a method: every one, or those of its own `ks`."""
+    ks = METHODS[name].get("ks")
+    return [c for c in COMBOS if ks is None or parse_combo(c)[0] in ks]
 
 
 def get_final_output():

@@ -1,9 +1,9 @@
 rule merge:
     input:
+        unpack(get_merge_data_inputs),
         base="results/bases/{base}",
         experts=get_expert_dirs,
         method_source=get_method_source,
-        unpack(get_merge_data_inputs),
     output:
         merge_output("results/merged/{base}/{method}/{combo}"),
     log:
