@@ -45,6 +45,9 @@ def _mutated(edit):
         (lambda c: c["bases"]["tiny-s"].pop("pretrain"), r"bases.tiny-s.pretrain: required"),
         (lambda c: c["finetune"]["expert"].update(lr=-1), r"finetune.expert.lr"),
         (lambda c: c["evaluate"].update(backend="tgi"), r"evaluate.backend"),
+        (lambda c: c["merge"]["methods"]["ties"].update(ks=[3]), r"merge.methods.ties.ks: \[3\] not in merge.ks"),
+        (lambda c: c["merge"].update(stats={"split": "test"}), r"merge.stats.split"),
+        (lambda c: c["merge"]["methods"]["regmean"]["params"].update(alpha=1.5), r"merge.methods.regmean: .*alpha"),
     ],
 )
 def test_bad_config_names_the_key(edit, message):

@@ -19,13 +19,37 @@ def n_experts(method) -> int:
     return min(max(method.min_experts, 3), method.max_experts or 3)
 
 
+# What data-aware methods learn before streaming (tests/test_merge_data_aware.py fits them).
+FITTED = {"adamerging": lambda k: {"coefficients": [1.0] * k},
+          "adamerging_layerwise": lambda k: {"coefficients": {NAME: [1.0] * k}},
+          "greedy_soup": lambda k: {"soup_weights": [1.0] * k}}
+
+
+def fake_stats(method, experts):
+    """Positive Fisher diagonals and positive definite Gram matrices per expert."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for x in experts:
+        entry = {}
+        if "fisher" in method.stats:
+            entry["fisher"] = torch.rand(x.shape, generator=g)
+        if "gram" in method.stats:
+            a = torch.randn(2 * x.shape[-1], x.shape[-1], generator=g)
+            entry["gram"] = a.T @ a
+        out.append(entry)
+    return out
+
+
 def call(method, base, experts, seed=0):
     resolved = validate_params(method, {}, None, n_experts=len(experts))
     params = dict(resolved.params)
     if method.setup is not None:
         params.update(method.setup([NAME, "model.layers.3.mlp.up_proj.weight"], None))
+    if method.name in FITTED:
+        params.update(FITTED[method.name](len(experts)))
+    extra = {"stats": fake_stats(method, experts)} if method.stats else {}
     gen = torch.Generator().manual_seed(tensor_seed(seed, NAME)) if method.randomised else None
-    return method.function(base, experts, resolved.expert_params, params, gen, NAME)
+    return method.function(base, experts, resolved.expert_params, params, gen, NAME, **extra)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -58,6 +82,8 @@ IDENTICAL = {
     "slerp": None,  # halfway between base and expert
     "pcb": None,  # keeps only the top 10% of entries
     "tsv": None,  # each copy keeps rank/k triplets of the same matrix
+    "fisher": "expert", "regmean": "expert", "regmean_plus_plus": "expert", "greedy_soup": "expert",
+    "adamerging": "sum", "adamerging_layerwise": "sum",  # with every lambda = 1
 }
 
 
@@ -98,6 +124,8 @@ def test_every_method_through_the_engine(tiny, tmp_path, name):
     from transformers import AutoModelForCausalLM
 
     method = get_method(name)
+    if method.stats or method.needs_data:
+        pytest.skip("data-aware: run through the engine with real statistics in test_merge_data_aware.py")
     base, experts = tiny
     experts = experts[: n_experts(method)]
     out = tmp_path / name

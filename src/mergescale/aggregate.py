@@ -43,6 +43,28 @@ def describe_model(path: str) -> dict:
     return row
 
 
+def _cost_columns(card: dict, merged: bool) -> dict:
+    """Runtime and memory of a merge: the whole job (a data-aware fit included) and, for
+    methods reading statistics, the compute_stats jobs it used (summed, peak). Only merges
+    have them (a training card's wall time is training)."""
+    if not merged:
+        return dict.fromkeys(COST_COLUMNS)
+    fit = card.get("fit", {}).get("seconds")
+    stats = card.get("stats", {}).get("cards", [])
+    return {
+        "merge_seconds": None if card.get("wall_time_s") is None else card["wall_time_s"] + (fit or 0),
+        "merge_peak_rss_mb": (card["peak_rss_bytes"] / 2**20) if "peak_rss_bytes" in card else None,
+        "fit_seconds": fit,
+        "stats_seconds": sum(c.get("seconds", 0) for c in stats) if stats else None,
+        "stats_peak_rss_mb": max(c.get("peak_rss_bytes", 0) for c in stats) / 2**20 if stats else None,
+        "merge_params": json.dumps(card["params"], sort_keys=True) if "params" in card else None,
+    }
+
+
+COST_COLUMNS = ("merge_seconds", "merge_peak_rss_mb", "fit_seconds", "stats_seconds",
+                "stats_peak_rss_mb", "merge_params")
+
+
 def _trained_tasks(meta: dict, combos: dict[str, list[str]]) -> set[str]:
     if meta["kind"] == "expert":
         return {meta["expert_task"]}
@@ -74,10 +96,7 @@ def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
                     "held_out" if s["task"] in held_out else "other"),
                 "trained_on": s["task"] in trained,
                 "metric": s["metric"], "value": s["value"], "stderr": s["stderr"], "n": s["n"],
-                "merge_seconds": card.get("wall_time_s"),
-                "merge_peak_rss_mb": (card["peak_rss_bytes"] / 2**20) if "peak_rss_bytes" in card else None,
-                "merge_params": (json.dumps(card["params"], sort_keys=True)
-                                 if meta["kind"] == "merged" and "params" in card else None),
+                **_cost_columns(card, merged=meta["kind"] == "merged"),
             })
     df = pd.DataFrame(rows)
     return df.sort_values(["base", "kind", "method", "combo", "expert_task", "task", "split"],
@@ -133,9 +152,7 @@ def normalized_scores(scores: pd.DataFrame, held_in: list[str], held_out: list[s
                     "held_in_normalized": hi_norm, "held_out_normalized": ho_norm,
                     "held_in_vs_multitask": hi_mt, "held_out_vs_multitask": ho_mt,
                     "held_out_zero_base_tasks": ho_drop, "held_in_zero_expert_tasks": hi_drop,
-                    "merge_seconds": None if first is None else first.merge_seconds,
-                    "merge_peak_rss_mb": None if first is None else first.merge_peak_rss_mb,
-                    "merge_params": None if first is None else first.merge_params,
+                    **{c: None if first is None else first[c] for c in COST_COLUMNS},
                 })
     return pd.DataFrame(out).sort_values(["base", "method", "k", "combo"]).reset_index(drop=True)
 
@@ -153,7 +170,9 @@ def method_table(normalized: pd.DataFrame) -> pd.DataFrame:
     keys = ["size", "parameters", "quality", "base", "method", "k"]
     named = {"subsets": ("combo", "count"),
              "merge_seconds": ("merge_seconds", "mean"),
-             "merge_peak_rss_mb": ("merge_peak_rss_mb", "max")}
+             "merge_peak_rss_mb": ("merge_peak_rss_mb", "max"),
+             "stats_seconds": ("stats_seconds", "mean"),
+             "stats_peak_rss_mb": ("stats_peak_rss_mb", "max")}
     for column in METRICS:
         named[f"{column}_mean"] = (column, "mean")
         named[f"{column}_std"] = (column, "std")
@@ -174,6 +193,9 @@ def _display(table: pd.DataFrame) -> pd.DataFrame:
         shown[label] = [_fmt(m, s) for m, s in zip(table[f"{column}_mean"], table[f"{column}_std"])]
     shown["merge s"] = [f"{x:.2f}" if pd.notna(x) else "-" for x in table.merge_seconds]
     shown["merge peak RSS MiB"] = [f"{x:.0f}" if pd.notna(x) else "-" for x in table.merge_peak_rss_mb]
+    # data-aware methods: the compute_stats jobs of the merged experts (seconds summed)
+    shown["stats s"] = [f"{x:.2f}" if pd.notna(x) else "-" for x in table.stats_seconds]
+    shown["stats peak RSS MiB"] = [f"{x:.0f}" if pd.notna(x) else "-" for x in table.stats_peak_rss_mb]
     return pd.DataFrame(shown)
 
 
@@ -208,7 +230,7 @@ def latex_table(df: pd.DataFrame, caption: str) -> str:
 TABLE_CAPTION = ("Normalised held-in (merged / the task's expert) and held-out (merged / base) "
                  "exact match, and both relative to the multitask model of the same expert "
                  "subset; mean ± standard deviation over expert subsets; merge runtime and peak "
-                 "memory.")
+                 "memory (a data-aware fit included), and the statistics pass the merge read.")
 
 
 def summary_markdown(scores: pd.DataFrame, normalized: pd.DataFrame, held_in: list[str],

@@ -42,7 +42,9 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     for m in methods:
-        flags = ", ".join(f for f, on in (("base", m.needs_base), ("random", m.randomised)) if on)
+        flags = ", ".join(f for f, on in (("base", m.needs_base), ("random", m.randomised),
+                                          *((f"stats: {k}", m.needs_stats_rule) for k in m.stats),
+                                          ("validation data", m.needs_data)) if on)
         print(f"{m.name}{f' [{flags}]' if flags else ''}: {m.description}")
         for h in m.hyperparameters:
             scope = "per expert" if h.per_expert else "global"

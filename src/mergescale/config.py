@@ -53,6 +53,9 @@ def check_semantics(config: dict) -> None:
     _check_bases(config["bases"])
     for name, spec in config["merge"]["methods"].items():
         where = f"merge.methods.{name}"
+        extra_ks = sorted(set(spec.get("ks", [])) - set(config["merge"]["ks"]))
+        if extra_ks:
+            raise ConfigError(f"config key {where}.ks: {extra_ks} not in merge.ks {config['merge']['ks']}")
         try:
             method = get_method(spec["method"])
             validate_params(method, spec.get("params"))

@@ -7,7 +7,7 @@ from snakemake.utils import validate
 # The package lives in src/; a source checkout works without installing it.
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
-from mergescale.combos import expert_subsets
+from mergescale.combos import expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
 from mergescale.grid import base_labels, instruct_tasks
 from mergescale.merge import get_method
@@ -39,6 +39,8 @@ COMBOS = expert_subsets(
 )
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
+# Data for the statistics of data-aware methods (and their fits): split and examples.
+STATS = {"split": "validation", "examples": 64, **config["merge"].get("stats", {})}
 
 
 wildcard_constraints:
@@ -56,8 +58,14 @@ def model_dirs():
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
         out += [f"multitask/{base}/{c}" for c in COMBOS]
-        out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in COMBOS]
+        out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in method_combos(m)]
     return out
+
+
+def method_combos(name):
+    """Expert subsets merged with a method: every one, or those of its own `ks`."""
+    ks = METHODS[name].get("ks")
+    return [c for c in COMBOS if ks is None or parse_combo(c)[0] in ks]
 
 
 def get_final_output():
@@ -106,3 +114,20 @@ def get_eval_task_yamls(wildcards):
 
 def merge_output(path):
     return temp(directory(path)) if config["merge"]["temporary"] else directory(path)
+
+
+def get_stats_data(wildcards):
+    return f"results/data/{wildcards.task}/{STATS['split']}.jsonl"
+
+
+def get_merge_data_inputs(wildcards):
+    """Statistics (compute_stats) or validation data (a fit) that a data-aware method reads."""
+    method = get_method(METHODS[wildcards.method]["method"])
+    tasks = COMBOS[wildcards.combo]
+    inputs = {}
+    if method.needs_stats_rule:
+        inputs["stats"] = [f"results/stats/{wildcards.base}/{t}" for t in tasks]
+    if method.needs_data:
+        inputs["data"] = [f"results/data/{t}/{STATS['split']}.jsonl" for t in tasks]
+    return inputs
+

@@ -1,5 +1,6 @@
 rule merge:
     input:
+        unpack(get_merge_data_inputs),
         base="results/bases/{base}",
         experts=get_expert_dirs,
         method_source=get_method_source,

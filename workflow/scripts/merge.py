@@ -1,7 +1,8 @@
 import json
 from pathlib import Path
 
-from mergescale.merge import MergeRequest, run_merge
+from mergescale.merge import MergeRequest
+from mergescale.merge.data_aware import merge_with_data
 from mergescale.job import log_to, set_threads
 
 with log_to(snakemake.log[0]) as log:
@@ -14,7 +15,10 @@ with log_to(snakemake.log[0]) as log:
         log(f"hyperparameters chosen on the validation split: {params}")
     experts = [Path(e) for e in snakemake.input.experts]
     log(f"{p.method} of {len(experts)} experts: {', '.join(e.name for e in experts)}")
-    result = run_merge(MergeRequest(
+    # Data-aware methods: statistics of compute_stats, or validation data for their fit.
+    stats = [Path(s) for s in snakemake.input.get("stats", [])] or None
+    data = [Path(d) for d in snakemake.input.get("data", [])] or None
+    result = merge_with_data(MergeRequest(
         method=p.method,
         base=Path(snakemake.input.base),
         experts=experts,
@@ -23,5 +27,6 @@ with log_to(snakemake.log[0]) as log:
         dtype=p.dtype,
         seed=p.seed,
         threads=snakemake.threads,
-    ))
+        stats=stats,
+    ), data, log=log)
     log(f"done in {result.card['wall_time_s']:.2f}s, peak RSS {result.card['peak_rss_bytes'] / 2**20:.0f} MiB")

@@ -77,11 +77,17 @@ class MergeRequest:
     overwrite: bool = False
     prefetch: bool = True
     progress: bool | None = None  # None: a bar only when stderr is a terminal
+    # Data-aware methods (see mergescale.merge.data_aware): one statistics directory per
+    # expert, values learned from data before streaming, and what to add to the card.
+    stats: list[Path] | None = None
+    fitted: dict[str, Any] | None = None
+    card_extra: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.experts = [Path(p) for p in self.experts]
         self.out_dir = Path(self.out_dir)
         self.base = Path(self.base) if self.base is not None else None
+        self.stats = [Path(p) for p in self.stats] if self.stats is not None else None
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,16 @@ def _check_request(req: MergeRequest, method: MergeMethod) -> None:
         raise MergeInputError(f"max_shard_bytes must be positive, got {req.max_shard_bytes}")
     if req.out_dir.exists() and not req.overwrite:
         raise MergeInputError(f"{req.out_dir} already exists (pass overwrite=True to replace it)")
+    if method.needs_data and req.fitted is None:
+        raise MergeInputError(
+            f"{method.name} learns from validation data: run it with "
+            "mergescale.merge.data_aware.merge_with_data (the workflow's merge rule does)"
+        )
+    if method.stats and (req.stats is None or len(req.stats) != n):
+        raise MergeInputError(
+            f"{method.name} reads per-expert statistics ({', '.join(method.stats)}): "
+            f"give one statistics directory per expert (got {len(req.stats or [])} for {n} experts)"
+        )
     inputs = ([req.base] if req.base else []) + req.experts
     for p in inputs:
         if p.resolve() == req.out_dir.resolve():
@@ -164,6 +180,7 @@ def _merge_one(
     seed: int,
     name: str,
     device: torch.device,
+    stats: list[dict[str, torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: returns float32 on `device`."""
     tensors = [t.to(device, non_blocking=True) for t in tensors]
@@ -173,8 +190,11 @@ def _merge_one(
     if method.randomised:
         generator = torch.Generator(device=device)
         generator.manual_seed(tensor_seed(seed, name))
+    extra = {}
+    if method.stats:  # only data-aware methods take the keyword
+        extra["stats"] = [{k: None if v is None else v.to(device) for k, v in s.items()} for s in stats]
     try:
-        merged = method.function(base, experts, expert_params, params, generator, name)
+        merged = method.function(base, experts, expert_params, params, generator, name, **extra)
     except MergeInputError as e:
         raise MergeInputError(f"{method.name}, tensor {name!r}: {e}") from e
     if tuple(merged.shape) != tuple(experts[0].shape):
@@ -243,6 +263,12 @@ def run_merge(req: MergeRequest) -> MergeResult:
         params = dict(resolved.params)
         if method.setup is not None:
             params.update(method.setup(names, ref.config))
+        params.update(req.fitted or {})
+        stats_reader = None
+        if method.stats:
+            from mergescale.stats import StatsReader  # data-free merges never import it
+
+            stats_reader = StatsReader(method.stats, req.stats)
         if req.threads:
             torch.set_num_threads(req.threads)
 
@@ -253,7 +279,8 @@ def run_merge(req: MergeRequest) -> MergeResult:
             log.info("merging %d tensors of %d inputs with %s into %s",
                      len(names), len(paths), method.name, req.out_dir)
             n_parameters, writer = _stream(req, method, checkpoints, names, plan, has_base,
-                                           resolved.expert_params, params, device, tmp, start)
+                                           resolved.expert_params, params, device, tmp, start,
+                                           stats_reader)
             copied = copy_model_files(ref.path, tmp, out_dtype)
             card = {
                 "method": method.name,
@@ -278,6 +305,10 @@ def run_merge(req: MergeRequest) -> MergeResult:
                 "wall_time_s": round(time.perf_counter() - start, 3),
                 "peak_rss_bytes": card_module.peak_rss_bytes(),
             }
+            if stats_reader is not None:
+                card["stats"] = {"kinds": list(method.stats), "dirs": [str(p) for p in req.stats],
+                                 "cards": stats_reader.cards()}
+            card.update(req.card_extra or {})
             with reporting_write_errors(tmp / card_module.CARD_NAME):
                 card_module.write_card(tmp, card)
         log.info("merged %s in %.1f s", req.out_dir, card["wall_time_s"])
@@ -316,6 +347,7 @@ def _stream(
     device: torch.device,
     tmp: Path,
     start: float,
+    stats_reader=None,
 ) -> tuple[int, ShardedWriter]:
     """Read, merge and write every tensor into shards in `tmp`; returns (parameters, writer)."""
     writer = ShardedWriter(tmp, plan, req.max_shard_bytes)
@@ -328,7 +360,9 @@ def _stream(
         for i, (name, planned) in enumerate(zip(names, plan)):
             tensors = reader.get(i)
             if tensors[0].is_floating_point():
-                merged = _merge_one(method, tensors, has_base, expert_params, params, req.seed, name, device)
+                stats = stats_reader.get(name, plan[i].shape) if stats_reader else None
+                merged = _merge_one(method, tensors, has_base, expert_params, params, req.seed,
+                                    name, device, stats)
             else:  # integer buffers (e.g. position ids) are not merged: copy the reference
                 merged = tensors[0]
             del tensors

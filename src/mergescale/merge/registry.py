@@ -32,6 +32,8 @@ class TensorMergeFn(Protocol):
     params: global hyperparameters, defaults filled.
     generator: seeded from (seed, tensor name) for randomised methods, else None.
     name: the tensor's name (e.g. "model.layers.3.mlp.up_proj.weight").
+    stats (keyword, only for methods registered with `stats`): one dict per expert,
+        kind -> that expert's statistic for this tensor, or None where it has none.
     Returns the merged tensor in float32, same shape as the inputs.
     """
 
@@ -159,6 +161,21 @@ class MergeMethod:
     # Called once per merge with (tensor names, reference config.json or None); returns
     # extra entries for `params`, e.g. the layer count that layer_swap needs.
     setup: Callable[[list[str], dict | None], dict[str, Any]] | None = None
+    # Data-aware methods. `stats`: per-expert statistics the per-tensor function receives
+    # as `stats=` ("fisher", "gram"; see mergescale.stats). `fit`: a pass over validation
+    # data before streaming (mergescale.merge.data_aware); it returns learned values for
+    # `params` and may provide the statistics itself. Statistics of a method without a
+    # fit come from the workflow's compute_stats rule.
+    stats: tuple[str, ...] = ()
+    fit: Callable[..., Any] | None = None
+
+    @property
+    def needs_data(self) -> bool:
+        return self.fit is not None
+
+    @property
+    def needs_stats_rule(self) -> bool:
+        return bool(self.stats) and self.fit is None
 
     @property
     def source_file(self) -> str:
@@ -181,6 +198,8 @@ class MergeMethod:
             "randomised": self.randomised,
             "min_experts": self.min_experts,
             "max_experts": self.max_experts,
+            "stats": list(self.stats),
+            "needs_data": self.needs_data,
             "hyperparameters": [h.to_dict() for h in self.hyperparameters],
         }
 
@@ -200,6 +219,8 @@ def register_method(
     min_experts: int = 1,
     max_experts: int | None = None,
     setup: Callable[[list[str], dict | None], dict[str, Any]] | None = None,
+    stats: tuple[str, ...] = (),
+    fit: Callable[..., Any] | None = None,
 ) -> Callable[[TensorMergeFn], TensorMergeFn]:
     """Decorator: register `function` under `name`. A second registration of a name raises.
 
@@ -226,6 +247,8 @@ def register_method(
             min_experts=min_experts,
             max_experts=max_experts,
             setup=setup,
+            stats=tuple(stats),
+            fit=fit,
         )
         return function
 

@@ -1,0 +1,17 @@
+rule compute_stats:
+    input:
+        expert="results/experts/{base}/{task}",
+        data=get_stats_data,
+    output:
+        directory("results/stats/{base}/{task}"),
+    log:
+        "results/logs/compute_stats/{base}/{task}.log",
+    benchmark:
+        "results/benchmarks/compute_stats/{base}/{task}.tsv"
+    params:
+        examples=STATS["examples"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+    script:
+        "../scripts/stats.py"

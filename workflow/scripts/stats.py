@@ -1,0 +1,9 @@
+from pathlib import Path
+
+from mergescale.job import log_to, set_threads
+from mergescale.stats import compute_and_save
+
+with log_to(snakemake.log[0]) as log:
+    set_threads(snakemake.threads)
+    compute_and_save(Path(snakemake.input.expert), Path(snakemake.input.data), Path(snakemake.output[0]),
+                     examples=snakemake.params.examples, log=log)
