@@ -10,6 +10,14 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 from mergescale.combos import expert_subsets
 from mergescale.config import check_semantics
 from mergescale.merge import get_method
+from mergescale.sources import (
+    bases_with_fetched_experts,
+    fetched_bases,
+    has_multitask,
+    lm_eval_specs,
+    model_ref,
+    procedural_tasks,
+)
 
 validate(config, "../schemas/config.schema.yaml")
 check_semantics(config)
@@ -24,6 +32,16 @@ COMBOS = expert_subsets(
 )
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
+# Model and task sources (hub/local models, public lm-eval tasks): see mergescale.sources.
+LM_EVAL_TASKS = lm_eval_specs(config)
+PROCEDURAL_TASKS = procedural_tasks(config)
+FETCHED_BASES = fetched_bases(config)
+FETCHED_EXPERT_BASES = bases_with_fetched_experts(config)
+
+
+def one_of(names):
+    """A wildcard regex matching exactly `names` (and nothing when there are none)."""
+    return "|".join(map(re.escape, names)) if names else "(?!)"
 
 
 wildcard_constraints:
@@ -40,7 +58,8 @@ def model_dirs():
     for base in BASES:
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
-        out.append(f"multitask/{base}/all")
+        if has_multitask(config):
+            out.append(f"multitask/{base}/all")
         out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in COMBOS]
     return out
 
@@ -67,7 +86,7 @@ def get_method_source(wildcards):
 
 
 def get_eval_task_yamls(wildcards):
-    return [f"results/tasks/{t}_{s}.yaml" for t in ALL_TASKS for s in EVAL_SPLITS]
+    return [f"results/tasks/{t}_{s}.yaml" for t in PROCEDURAL_TASKS for s in EVAL_SPLITS]
 
 
 def merge_output(path):

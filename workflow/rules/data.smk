@@ -3,6 +3,8 @@ rule make_task_data:
         expand("results/data/{{task}}/{split}.jsonl", split=SPLITS),
     log:
         "results/logs/make_task_data/{task}.log",
+    wildcard_constraints:
+        task=one_of(PROCEDURAL_TASKS),
     params:
         sizes=config["data"]["sizes"],
         seed=config["seed"],
@@ -17,5 +19,7 @@ rule render_task:
         "results/tasks/{task}_{split}.yaml",
     log:
         "results/logs/render_task/{task}_{split}.log",
+    wildcard_constraints:
+        task=one_of(PROCEDURAL_TASKS),
     script:
         "../scripts/render_task.py"
