@@ -99,3 +99,32 @@ def test_group_sample_counts_add_up():
                          "m_geo": {"effective": 12, "original": 12}}}
     row = lm_eval_score("maths", {"metrics": {"math": "exact_match,none"}}, out)
     assert (row["value"], row["n"], row["stderr"], row["cluster"]) == (0.25, 42, 0.01, "maths")
+
+
+def test_training_split_of_an_lm_eval_task_becomes_prompt_answer_rows(tmp_path):
+    from mergescale.lmeval_data import export_training_split
+    from mergescale.tasks import read_jsonl
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    train = tasks / "train.jsonl"
+    train.write_text("".join(json.dumps({"q": f"{i}+1=", "choices": ["no", "yes"], "label": i % 2})
+                             + "\n" for i in range(5)))
+    tasks.joinpath("yes_no.yaml").write_text(yaml.safe_dump({
+        "task": "yes_no", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"train": str(train), "test": str(train)}},
+        "training_split": "train", "test_split": "test", "output_type": "multiple_choice",
+        "doc_to_text": "Q: {{q}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": "acc"}], "metadata": {"version": 1},
+    }))
+    out = tmp_path / "data" / "yes_no" / "train.jsonl"
+    assert export_training_split("yes_no", out, include_path=tasks, log=lambda m: None) == 5
+    rows = read_jsonl(out)
+    assert rows[0] == {"prompt": "Q: 0+1= ", "answer": "no"}  # lm-eval's " " target delimiter
+    assert [r["answer"] for r in rows] == ["no", "yes", "no", "yes", "no"]
+    no_train = yaml.safe_load(tasks.joinpath("yes_no.yaml").read_text())
+    no_train.update(task="test_only")
+    del no_train["training_split"]
+    tasks.joinpath("test_only.yaml").write_text(yaml.safe_dump(no_train))
+    with pytest.raises(ValueError, match="'test_only' has no training split"):
+        export_training_split("test_only", out, include_path=tasks, log=lambda m: None)

@@ -1,5 +1,6 @@
 # Bases and experts fetched instead of trained: a hub repository at a pinned revision or a
-# local directory (mergescale.hub). Local rules: downloads need the network, not a GPU.
+# local directory (mergescale.hub), and training splits of public lm-eval tasks
+# (mergescale.lmeval_data). Local rules: downloads need the network, not a GPU.
 
 
 rule download_base:
@@ -26,3 +27,16 @@ rule download_expert:
         source=lambda wc: config["bases"][wc.base]["experts"][wc.task],
     script:
         "../scripts/download.py"
+
+
+rule export_lm_eval_train:
+    output:
+        "results/data/{task}/train.jsonl",
+    log:
+        "results/logs/export_lm_eval_train/{task}.log",
+    wildcard_constraints:
+        task=one_of([t for t, spec in LM_EVAL_TASKS.items() if "train" in spec]),
+    params:
+        lm_task=lambda wc: LM_EVAL_TASKS[wc.task]["train"],
+    script:
+        "../scripts/export_lm_eval_train.py"
