@@ -6,7 +6,7 @@ rule make_task_data:
     wildcard_constraints:
         task=one_of(PROCEDURAL_TASKS),
     params:
-        sizes=config["data"]["sizes"],
+        sizes=lambda wc: config["data"]["sizes"],  # data is optional (lm-eval tasks only)
         seed=config["seed"],
     script:
         "../scripts/make_task_data.py"
