@@ -70,8 +70,15 @@ def check_sources(config: dict) -> None:
     for base, spec in config["bases"].items():
         key = f"config key bases.{base}"
         source = spec["source"]
+        if source in ("hub", "local"):
+            for extra in ("shape", "pretrain"):
+                if extra in spec:
+                    raise SourceConfigError(f"{key}.{extra}: only for source pretrain")
         if source == "hub":
-            _check_ref({k: spec[k] for k in ("repo", "revision") if k in spec}, f"bases.{base}")
+            for needed in ("repo", "revision"):
+                if needed not in spec:
+                    raise SourceConfigError(
+                        f"{key}.{needed}: required for source hub (a commit hash pins the files)")
             if "path" in spec:
                 raise SourceConfigError(f"{key}.path: not used with source hub (use source local)")
         elif source == "local":
