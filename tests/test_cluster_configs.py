@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from mergescale.config import ConfigError, check_schema, check_semantics, load_config
+from test_hub import tiny_checkpoint
 from workflow_helpers import REPO, SMOKE_CONFIG, planned_jobs, snakemake
 
 CONFIGS = {"mergebench": REPO / "config" / "mergebench.yaml", "scale": REPO / "config" / "scale.yaml"}
@@ -130,3 +131,33 @@ def test_temporary_merged_checkpoints_are_deleted_once_evaluated(tmp_path):
     assert scores["model_card"]["method"] == "linear"
     assert not (work / "results/merged/smoke/average/k2s0").exists()
     assert (work / "results/experts/smoke").is_dir()  # only merged checkpoints are temporary
+
+
+@pytest.mark.slow
+def test_fetched_base_and_experts_run_through_the_dag(tmp_path):
+    """A base and its experts from local directories (download_base, download_expert),
+    no fine-tuning and no multitask model: merged, evaluated and aggregated."""
+    import pandas as pd
+
+    config = _smoke()
+    held_in = config["tasks"]["held_in"]
+    models = tmp_path / "models"
+    experts = {t: {"path": str(tiny_checkpoint(models / t, seed=i + 1))} for i, t in enumerate(held_in)}
+    config["bases"] = {"fetched": {"source": "local", "path": str(tiny_checkpoint(models / "base")),
+                                   "experts": experts}}
+    del config["finetune"]
+    config["data"]["sizes"] = {"train": 50, "validation": 10, "test": 10}
+    config["merge"].update(methods={"average": {"method": "linear"}}, ks=[2])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    work = tmp_path / "work"
+    assert planned_jobs(work, config=path) == {
+        "make_task_data": 4, "render_task": 4, "download_base": 1, "download_expert": 3,
+        "merge": 1, "evaluate": 5, "aggregate": 1, "plot": 1, "all": 1}
+    snakemake(work, "--cores", "2", config=path, timeout=1200)
+    scores = pd.read_csv(work / "results/tables/scores.csv")
+    assert sorted(scores.kind.unique()) == ["base", "expert", "merged"]
+    assert len(scores) == 5 * len(held_in + config["tasks"]["held_out"])
+    card = json.loads((work / "results/experts/fetched/next_letter/source.json").read_text())
+    assert card["source"] == "local" and card["path"] == experts["next_letter"]["path"]
+    assert planned_jobs(work, config=path) == {}

@@ -21,9 +21,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO_ID = "tiny-org/tiny-llama"
 
 
-def tiny_checkpoint(path: Path, sharded: bool = False) -> Path:
+def tiny_checkpoint(path: Path, sharded: bool = False, seed: int = 0) -> Path:
     tokenizer = build_char_tokenizer(ALPHABET)
-    model = new_llama(TinyShape(16, 2, 2, 32), tokenizer, seed=0)
+    model = new_llama(TinyShape(16, 2, 2, 32), tokenizer, seed=seed)
     save_model(model, tokenizer, path)
     if sharded:  # re-save the weights as several shards with an index
         (path / "model.safetensors").unlink()
