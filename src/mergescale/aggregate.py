@@ -91,7 +91,8 @@ def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
                 "size": labels.get("size", meta["base"]), "quality": labels.get("quality", ""),
                 "parameters": labels.get("parameters"),
                 "task": s["task"], "split": s["split"],
-                "cluster": get_family(s["task"]).cluster,
+                # lm-eval tasks (tasks.lm_eval) carry their cluster in the score row.
+                "cluster": s.get("cluster") or get_family(s["task"]).cluster,
                 "role": "held_in" if s["task"] in held_in else (
                     "held_out" if s["task"] in held_out else "other"),
                 "trained_on": s["task"] in trained,

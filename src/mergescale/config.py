@@ -32,11 +32,15 @@ def check_schema(config: dict, schema_path: Path = SCHEMA_PATH) -> None:
 def check_semantics(config: dict) -> None:
     from mergescale.merge import get_method, validate_params
     from mergescale.merge.errors import MergeInputError
+    from mergescale.sources import SourceConfigError, check_sources, lm_eval_specs
     from mergescale.tasks import get_family
 
     held_in, held_out = config["tasks"]["held_in"], config["tasks"]["held_out"]
+    lm_eval = lm_eval_specs(config)  # tasks named by public lm-eval tasks, not families
     for key, names in (("tasks.held_in", held_in), ("tasks.held_out", held_out)):
         for name in names:
+            if name in lm_eval:
+                continue
             try:
                 get_family(name)
             except KeyError as err:
@@ -65,6 +69,10 @@ def check_semantics(config: dict) -> None:
                 search_space(spec["method"], spec["tune"], spec.get("params"))
         except (KeyError, MergeInputError) as err:
             raise ConfigError(f"config key {where}: {err.args[0]}") from None
+    try:
+        check_sources(config)
+    except SourceConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_bases(bases: dict) -> None:
@@ -72,7 +80,7 @@ def _check_bases(bases: dict) -> None:
 
     required = {"pretrain": ("shape", "pretrain"), "instruct": ("from", "train")}
     for base, spec in bases.items():
-        for needed in required[spec["source"]]:
+        for needed in required.get(spec["source"], ()):
             if needed not in spec:
                 raise ConfigError(
                     f"config key bases.{base}.{needed}: required for source {spec['source']}")
@@ -83,7 +91,7 @@ def _check_bases(bases: dict) -> None:
                     f"config key bases.{base}.shape: hidden_size must be divisible by "
                     f"num_attention_heads"
                 )
-        else:
+        elif spec["source"] == "instruct":
             for key in ("shape", "pretrain"):
                 if key in spec:
                     raise ConfigError(

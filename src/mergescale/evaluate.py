@@ -2,16 +2,18 @@
 
 One process scores every requested task for a model, so lm-eval's start-up (imports,
 task indexing) is paid once per model rather than once per task. Only our own task
-directory is indexed (``include_defaults=False``): indexing lm-eval's hundreds of
-built-in tasks would cost more than scoring a tiny model.
+directory is indexed (``include_defaults=False``) unless the config names public lm-eval
+tasks (``tasks.lm_eval``): indexing lm-eval's hundreds of built-in tasks would cost more
+than scoring a tiny model. The vLLM backend is an optional dependency for GPU clusters.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergescale.remote_code import check_no_remote_code
@@ -24,29 +26,95 @@ FILTER = "strip"
 @dataclass(frozen=True)
 class EvalRequest:
     model_dir: Path
-    task_dir: Path  # directory of rendered task YAMLs
-    tasks: tuple[tuple[str, str], ...]  # (task, split) pairs
+    task_dir: Path | None  # directory of rendered task YAMLs (None: no procedural tasks)
+    tasks: tuple[tuple[str, str], ...]  # (task, split) pairs of procedural tasks
     backend: str = "hf"  # "hf" or "vllm"
-    device: str = "cpu"
+    device: str = "auto"  # "auto": a GPU when there is one
     batch_size: int = 64
     limit: int | None = None  # examples per task; None = the whole split
     seed: int = 0
+    # task name -> {"metrics": {lm-eval task: "metric,filter"}, "cluster", "unsafe_code"}
+    lm_eval_tasks: dict = field(default_factory=dict)
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lm_model_args(req: EvalRequest) -> tuple[str, dict]:
+    """lm-eval's model name and model_args for ``req.backend``."""
+    if req.backend == "hf":
+        device = _device(req.device)
+        # float32 on CPU (tiny models, exact scores); the checkpoint's dtype on a GPU.
+        return "hf", {"pretrained": str(req.model_dir), "device": device,
+                      "batch_size": req.batch_size,
+                      "dtype": "float32" if device == "cpu" else "auto",
+                      "trust_remote_code": False}
+    if req.backend == "vllm":
+        return "vllm", {"pretrained": str(req.model_dir), "dtype": "auto", "batch_size": "auto",
+                        "seed": req.seed, "trust_remote_code": False}
+    raise ValueError(f"config key evaluate.backend: unknown backend {req.backend!r}; use 'hf' or 'vllm'")
+
+
+def check_backend(backend: str) -> None:
+    """Fail before any task is indexed when the backend's package is not installed."""
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise BackendUnavailable(
+            "config key evaluate.backend: 'vllm' needs the optional dependency vllm, which is "
+            "not installed (pip install 'mergescale[vllm]' on the GPU nodes), or set "
+            "evaluate.backend: hf")
 
 
 def _make_lm(req: EvalRequest):
     # Code shipped with a checkpoint is never run (mergescale.remote_code).
     check_no_remote_code(req.model_dir)
-    if req.backend == "hf":
+    name, args = lm_model_args(req)
+    check_backend(req.backend)
+    if name == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=str(req.model_dir), device=req.device,
-                    batch_size=req.batch_size, dtype="float32", trust_remote_code=False)
-    if req.backend == "vllm":
-        from lm_eval.models.vllm_causallms import VLLM
+        return HFLM(**args)
+    from lm_eval.models.vllm_causallms import VLLM
 
-        return VLLM(pretrained=str(req.model_dir), batch_size="auto", dtype="auto",
-                    trust_remote_code=False)
-    raise ValueError(f"unknown evaluation backend {req.backend!r}; use 'hf' or 'vllm'")
+    return VLLM(**args)
+
+
+def _n_samples(out: dict, name: str) -> int:
+    """Examples scored for an lm-eval task, or for every task of a group."""
+    if name in out.get("n-samples", {}):
+        return int(out["n-samples"][name]["effective"])
+    return sum(_n_samples(out, sub) for sub in out.get("group_subtasks", {}).get(name, []))
+
+
+def lm_eval_score(task: str, spec: dict, out: dict) -> dict:
+    """One score row for a task scored by public lm-eval tasks: the mean of their metrics."""
+    parts, stderrs = {}, []
+    for name, metric in spec["metrics"].items():
+        res = out["results"].get(name) or out.get("groups", {}).get(name)
+        if res is None or metric not in res:
+            have = sorted(k for k in (res or {}) if "," in k and "_stderr" not in k)
+            raise KeyError(f"config key tasks.lm_eval.{task}.metrics.{name}: lm-eval reported no "
+                           f"{metric!r} for {name} (it reported: {', '.join(have) or 'nothing'})")
+        parts[name] = float(res[metric])
+        m, f = metric.split(",", 1)
+        stderrs.append(res.get(f"{m}_stderr,{f}"))
+    stderr = stderrs[0] if len(stderrs) == 1 else None
+    metrics = sorted({m.split(",")[0] for m in spec["metrics"].values()})
+    return {
+        "task": task, "split": "test", "metric": "+".join(metrics),
+        "value": sum(parts.values()) / len(parts),
+        "stderr": float(stderr) if isinstance(stderr, (int, float)) and not math.isnan(stderr) else None,
+        "n": sum(_n_samples(out, name) for name in parts), "parts": parts,
+        "cluster": spec.get("cluster", task),
+    }
 
 
 def evaluate(req: EvalRequest, log=print) -> dict:
@@ -55,19 +123,30 @@ def evaluate(req: EvalRequest, log=print) -> dict:
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    check_backend(req.backend)
     start = time.perf_counter()
     names = {lm_eval_task_name(t, s): (t, s) for t, s in req.tasks}
-    manager = TaskManager(include_path=str(req.task_dir), include_defaults=False)
+    public = sorted({n for spec in req.lm_eval_tasks.values() for n in spec["metrics"]})
+    include = str(req.task_dir) if req.task_dir else None
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if set(public) - set(manager.all_tasks):
+        # Indexing lm-eval's own tasks takes ~15 s of CPU: only when they are asked for.
+        manager = TaskManager(include_path=include, include_defaults=True)
     missing = sorted(set(names) - set(manager.all_tasks))
     if missing:
         raise FileNotFoundError(f"no lm-eval task YAML in {req.task_dir} for: {', '.join(missing)}")
+    unknown = sorted(set(public) - set(manager.all_tasks))
+    if unknown:
+        raise KeyError(f"config key tasks.lm_eval: lm-eval {lm_eval.__version__} has no task or "
+                       f"group {', '.join(unknown)}")
     lm = _make_lm(req)
     loaded = time.perf_counter()
-    log(f"loaded {req.model_dir} in {loaded - start:.1f}s; scoring {len(names)} task(s)")
+    log(f"loaded {req.model_dir} in {loaded - start:.1f}s; scoring {len(names) + len(public)} task(s)")
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=sorted(names), task_manager=manager, limit=req.limit,
+        model=lm, tasks=sorted(names) + public, task_manager=manager, limit=req.limit,
         log_samples=True, random_seed=req.seed, numpy_random_seed=req.seed,
         torch_random_seed=req.seed, fewshot_random_seed=req.seed,
+        confirm_run_unsafe_code=any(s.get("unsafe_code") for s in req.lm_eval_tasks.values()),
     )
     key = f"{METRIC},{FILTER}"
     rows = []
@@ -83,6 +162,9 @@ def evaluate(req: EvalRequest, log=print) -> dict:
             "n": len(correct), "correct": correct,
         })
         log(f"  {task:16s} {split:10s} {METRIC} {res[key]:.3f}  (n={len(correct)})")
+    for task, spec in sorted(req.lm_eval_tasks.items()):
+        rows.append(lm_eval_score(task, spec, out))
+        log(f"  {task:16s} {rows[-1]['metric']} {rows[-1]['value']:.3f}  (n={rows[-1]['n']})")
     return {
         "model_dir": str(req.model_dir), "backend": req.backend, "scores": rows,
         "lm_eval_version": lm_eval.__version__,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from mergescale.tasks import ALPHABET, FAMILIES
 from mergescale.tokenizer import char_vocab_size
 
-QUALITY_BY_SOURCE = {"pretrain": "pretrained", "instruct": "instruct"}
+# Downloaded (hub) and local bases are labelled "pretrained" unless the config says otherwise.
+QUALITY_BY_SOURCE = {"instruct": "instruct"}
 
 
 def root_base(bases: dict, name: str) -> str:
@@ -41,7 +42,7 @@ def base_labels(bases: dict) -> dict[str, dict]:
         root = bases[root_base(bases, name)]
         params = llama_parameter_count(root["shape"], vocab) if "shape" in root else None
         size = spec.get("size") or root.get("size") or (_human(params) if params else name)
-        quality = spec.get("quality") or QUALITY_BY_SOURCE[spec["source"]]
+        quality = spec.get("quality") or QUALITY_BY_SOURCE.get(spec["source"], "pretrained")
         out[name] = {"size": size, "quality": quality, "parameters": params}
     return out
 

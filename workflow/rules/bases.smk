@@ -1,6 +1,6 @@
 rule pretrain_base:
     input:
-        unpack(lambda wc: train_files(ALL_TASKS)),
+        unpack(lambda wc: train_files(PROCEDURAL_TASKS)),
     output:
         directory("results/bases/{base}"),
     log:

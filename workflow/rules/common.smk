@@ -11,6 +11,14 @@ from mergescale.combos import expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
 from mergescale.grid import base_labels, instruct_tasks
 from mergescale.merge import get_method
+from mergescale.sources import (
+    bases_with_fetched_experts,
+    fetched_bases,
+    has_multitask,
+    lm_eval_specs,
+    model_ref,
+    procedural_tasks,
+)
 
 check_schema(config)  # one line naming the key, before Snakemake's verbose report
 validate(config, "../schemas/config.schema.yaml")  # (also fills in defaults)
@@ -30,9 +38,6 @@ PRETRAINED_BASES = [b for b in BASES if config["bases"][b]["source"] == "pretrai
 INSTRUCT_BASES = [b for b in BASES if config["bases"][b]["source"] == "instruct"]
 BASE_LABELS = base_labels(config["bases"])
 QUALITIES = sorted({labels["quality"] for labels in BASE_LABELS.values()})
-# Instruct bases train on every family that is not held-out, so those need data too.
-INSTRUCT_TASKS = instruct_tasks(HELD_OUT) if INSTRUCT_BASES else []
-DATA_TASKS = ALL_TASKS + [t for t in INSTRUCT_TASKS if t not in ALL_TASKS]
 METHODS = config["merge"]["methods"]
 COMBOS = expert_subsets(
     HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
@@ -41,11 +46,20 @@ EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
 # Data for the statistics of data-aware methods (and their fits): split and examples.
 STATS = {"split": "validation", "examples": 64, **config["merge"].get("stats", {})}
+# Model and task sources (hub/local models, public lm-eval tasks): see mergescale.sources.
+LM_EVAL_TASKS = lm_eval_specs(config)
+PROCEDURAL_TASKS = procedural_tasks(config)
+FETCHED_BASES = fetched_bases(config)
+FETCHED_EXPERT_BASES = bases_with_fetched_experts(config)
+# Instruct bases train on every family that is not held-out, so those need data too.
+INSTRUCT_TASKS = instruct_tasks(HELD_OUT) if INSTRUCT_BASES else []
+DATA_TASKS = PROCEDURAL_TASKS + [t for t in INSTRUCT_TASKS if t not in PROCEDURAL_TASKS]
+
 
 
 wildcard_constraints:
     base=one_of(BASES),
-    task=one_of(DATA_TASKS),
+    task=one_of(ALL_TASKS + [t for t in DATA_TASKS if t not in ALL_TASKS]),
     split="|".join(SPLITS),
     method="[A-Za-z0-9][A-Za-z0-9_.-]*",
     combo=r"k\d+s\d+",
@@ -57,7 +71,8 @@ def model_dirs():
     for base in BASES:
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
-        out += [f"multitask/{base}/{c}" for c in COMBOS]
+        if has_multitask(config):
+            out += [f"multitask/{base}/{c}" for c in COMBOS]
         out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in method_combos(m)]
     return out
 
@@ -109,7 +124,7 @@ def get_validation_task_yamls(wildcards):
 
 
 def get_eval_task_yamls(wildcards):
-    return [f"results/tasks/{t}_{s}.yaml" for t in ALL_TASKS for s in EVAL_SPLITS]
+    return [f"results/tasks/{t}_{s}.yaml" for t in PROCEDURAL_TASKS for s in EVAL_SPLITS]
 
 
 def merge_output(path):

@@ -3,8 +3,10 @@ rule make_task_data:
         expand("results/data/{{task}}/{split}.jsonl", split=SPLITS),
     log:
         "results/logs/make_task_data/{task}.log",
+    wildcard_constraints:
+        task=one_of(DATA_TASKS),
     params:
-        sizes=config["data"]["sizes"],
+        sizes=lambda wc: config["data"]["sizes"],  # data is optional (lm-eval tasks only)
         seed=config["seed"],
     script:
         "../scripts/make_task_data.py"
@@ -17,5 +19,7 @@ rule render_task:
         "results/tasks/{task}_{split}.yaml",
     log:
         "results/logs/render_task/{task}_{split}.log",
+    wildcard_constraints:
+        task=one_of(PROCEDURAL_TASKS),
     script:
         "../scripts/render_task.py"

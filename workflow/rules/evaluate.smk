@@ -11,7 +11,8 @@ rule evaluate:
     wildcard_constraints:
         model=r"(bases|experts|multitask|merged)/[^/]+(/[^/]+){0,2}",
     params:
-        tasks=[[t, s] for t in ALL_TASKS for s in EVAL_SPLITS],
+        tasks=[[t, s] for t in PROCEDURAL_TASKS for s in EVAL_SPLITS],
+        lm_eval_tasks={t: LM_EVAL_TASKS[t] for t in ALL_TASKS if t in LM_EVAL_TASKS},
         backend=config["evaluate"]["backend"],
         batch_size=config["evaluate"]["batch_size"],
         limit=config["evaluate"]["limit"],

@@ -8,6 +8,8 @@ rule finetune_expert:
         "results/logs/finetune_expert/{base}/{task}.log",
     benchmark:
         "results/benchmarks/finetune_expert/{base}/{task}.tsv"
+    wildcard_constraints:
+        base=one_of([b for b in BASES if b not in FETCHED_EXPERT_BASES]),
     params:
         train=lambda wc: {"seed": config["seed"], **config["finetune"]["expert"]},
         stage="finetune_expert",

@@ -1,0 +1,7 @@
+from pathlib import Path
+
+from mergescale.hub import fetch_model
+from mergescale.job import log_to
+
+with log_to(snakemake.log[0]) as log:
+    fetch_model(dict(snakemake.params.source), Path(snakemake.output[0]), log=log)
