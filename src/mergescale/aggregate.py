@@ -50,7 +50,8 @@ def _cost_columns(card: dict, merged: bool) -> dict:
     if not merged:
         return dict.fromkeys(COST_COLUMNS)
     fit = card.get("fit", {}).get("seconds")
-    stats = card.get("stats", {}).get("cards", [])
+    # cards of compute_stats jobs (statistics a fit computed itself have none: its cost is the fit's)
+    stats = [c for c in card.get("stats", {}).get("cards", []) if c]
     return {
         "merge_seconds": None if card.get("wall_time_s") is None else card["wall_time_s"] + (fit or 0),
         "merge_peak_rss_mb": (card["peak_rss_bytes"] / 2**20) if "peak_rss_bytes" in card else None,
