@@ -33,6 +33,10 @@ class EvalRequest:
 
 
 def _make_lm(req: EvalRequest):
+    if (Path(req.model_dir) / "model_spec.json").exists():  # a model that is not a checkpoint
+        from mergescale.spec_models import load_spec_model
+
+        return load_spec_model(Path(req.model_dir), device=req.device, batch_size=req.batch_size)
     if req.backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
