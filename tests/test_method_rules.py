@@ -23,8 +23,6 @@ import yaml
 from mergescale.combos import expert_subsets
 from workflow_helpers import REPO, SMOKE_CONFIG
 
-pytestmark = pytest.mark.slow
-
 
 def readme_files_and_config() -> tuple[dict[str, str], dict]:
     """{path: text} of every "File `path`:" block of the section, and its config block."""
@@ -82,6 +80,14 @@ def ran(copied):
     return repo.parent / "work"
 
 
+@pytest.mark.parametrize("entry", [{"method": "linear", "rule": "copy_first"}, {"params": {}}])
+def test_config_entry_names_a_method_or_a_rule(entry):
+    from mergescale.config import ConfigError, check_schema
+
+    with pytest.raises(ConfigError, match=r"config key merge.methods.x: "):
+        check_schema(slice_config({"x": entry}))
+
+
 def test_config_naming_a_missing_rule_fails_before_any_job(copied, tmp_path):
     repo, _ = copied
     config = slice_config({"nope": {"rule": "no_such_rule"}})
@@ -100,6 +106,7 @@ def test_each_method_is_merged_by_its_own_rule(copied):
                       "twin_merging": "twin_merging"}
 
 
+@pytest.mark.slow
 def test_toy_methods_rows_are_in_the_tables_with_plausible_scores(ran):
     scores = pd.read_csv(ran / "results/tables/scores.csv")
     smoke = yaml.safe_load(SMOKE_CONFIG.read_text())
@@ -124,6 +131,7 @@ def test_toy_methods_rows_are_in_the_tables_with_plausible_scores(ran):
     assert "| smoke | copy_first | 2 |" in (ran / "results/tables/summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_twin_merging_is_evaluated_from_its_model_spec(ran):
     merged = next((ran / "results/merged/smoke/twin_merging").iterdir())
     assert (merged / "model_spec.json").exists() and not (merged / "config.json").exists()

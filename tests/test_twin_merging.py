@@ -134,7 +134,9 @@ def test_per_input_forward_equals_each_rows_own_materialised_model(low_rank):
     ids = torch.randint(4, len(twin.tokenizer), (3, 9), generator=g)
     weights = torch.softmax(3 * torch.randn(3, len(TASKS), generator=g), -1)
     with torch.no_grad(), twin.routed.routed(weights):
-        routed = twin.model(input_ids=ids).logits
+        first = twin.model(input_ids=ids).logits  # norms row by row, then checked batched
+        routed = twin.model(input_ids=ids).logits  # norms batched
+    torch.testing.assert_close(first, routed, atol=1e-5, rtol=1e-5)
     shared = load_state(out / SHARED_DIR)
     parts = load_parts(out / "exclusive.safetensors", len(TASKS))
     reference = AutoModelForCausalLM.from_pretrained(out / SHARED_DIR, dtype=torch.float32).eval()

@@ -274,21 +274,45 @@ class RoutedModel:
 
     def _per_row_hook(self, module: torch.nn.Module, by_param: dict[str, list[dict]]) -> Callable:
         deltas = {p: torch.stack([reconstruct(part) for part in parts]) for p, parts in by_param.items()}
+        # Norm scales act elementwise: a (B, 1, ..., d) parameter then runs the whole batch in
+        # one call. Whether it does is checked once against the row-by-row result.
+        state = {"broadcast": None if all(d.ndim == 2 for d in deltas.values()) else False}
+
+        def row_params(b):
+            return {p: getattr(module, p) + torch.tensordot(self.weights[b].to(d.dtype), d, 1)
+                    for p, d in deltas.items()}
+
+        def per_row(args):
+            row_args = [tuple(a[b:b + 1] if torch.is_tensor(a) else a for a in args)
+                        for b in range(self.weights.shape[0])]
+            return torch.cat([torch.func.functional_call(module, row_params(b), row_args[b])
+                              for b in range(len(row_args))])
+
+        def broadcast(args):
+            lead = (self.weights.shape[0],) + (1,) * (args[0].ndim - 2)
+            params = {p: getattr(module, p) + (self.weights.to(d.dtype) @ d).view(*lead, -1)
+                      for p, d in deltas.items()}
+            return torch.func.functional_call(module, params, args)
 
         def hook(module, args, out):
             if self.weights is None or self._bypass:
                 return None
-            rows = []
-            self._bypass = True  # the per-row calls below run this module again
+            self._bypass = True  # the calls below run this module again
             try:
-                for b in range(self.weights.shape[0]):
-                    params = {p: getattr(module, p) + torch.tensordot(self.weights[b].to(d.dtype), d, 1)
-                              for p, d in deltas.items()}
-                    row_args = tuple(a[b:b + 1] if torch.is_tensor(a) else a for a in args)
-                    rows.append(torch.func.functional_call(module, params, row_args))
+                if state["broadcast"] is None:  # decide on a batch of several rows
+                    rows = per_row(args)
+                    if rows.shape[0] < 2:
+                        return rows
+                    try:
+                        batched = broadcast(args)
+                        state["broadcast"] = batched.shape == rows.shape and torch.allclose(
+                            batched, rows, rtol=1e-5, atol=1e-6)
+                    except RuntimeError:
+                        state["broadcast"] = False
+                    return rows
+                return broadcast(args) if state["broadcast"] else per_row(args)
             finally:
                 self._bypass = False
-            return torch.cat(rows)
 
         return hook
 
