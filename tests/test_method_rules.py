@@ -145,3 +145,35 @@ def test_twin_merging_is_evaluated_from_its_model_spec(ran):
     # Routing each input to its task's exclusive part recovers expert skill averaging loses.
     assert twin.value.mean() >= average.value.mean()
     assert (ran / "results/benchmarks/merge/smoke/twin_merging").is_dir()
+
+
+def test_rule_method_output_is_atomic_and_carries_the_card(tmp_path):
+    from mergescale.merge.card import rule_method_output
+
+    what = dict(method="toy", description="d", paper="p", params={"a": 1}, base=None,
+                experts=[tmp_path], seed=3, dtype="float32", device="cpu")
+    with pytest.raises(RuntimeError, match="boom"):
+        with rule_method_output(tmp_path / "failed", **what) as (out, card):
+            (out / "half.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert not (tmp_path / "failed").exists() and not list(tmp_path.glob(".failed*"))
+    with rule_method_output(tmp_path / "done", **what) as (out, card):
+        card["storage_bytes"] = {"extra": 5}
+    written = json.loads((tmp_path / "done" / "merge_card.json").read_text())
+    assert written["params"] == {"a": 1} and written["experts"][0]["path"] == str(tmp_path.resolve())
+    assert written["wall_time_s"] >= 0 and written["peak_rss_bytes"] > 0 and written["storage_bytes"]
+    assert "Storage: extra 5 B" in (tmp_path / "done" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ('{"model": "no-such-model"}', r"model 'no-such-model' is not registered with lm-eval"),
+    ('{"model": "mergescale-twin", "extra": 1}', r"unknown key\(s\) \['extra'\]"),
+    ('{"model_args": {}}', r"string key 'model'"),
+    ("{not json", r"not valid JSON"),
+])
+def test_bad_model_spec_names_the_file(tmp_path, spec, message):
+    from mergescale.spec_models import load_spec_model
+
+    (tmp_path / "model_spec.json").write_text(spec)
+    with pytest.raises(ValueError, match=rf"model_spec.json: .*{message}"):
+        load_spec_model(tmp_path)
