@@ -66,6 +66,8 @@ def check_params(params: dict | None, where: str = "params") -> TwinParams:
         if key not in known:
             raise ConfigError(f"config key {where}.{key}: not a Twin-Merging parameter; "
                               f"allowed: {', '.join(known)}")
+    if not isinstance(params.get("shared_params", {}), dict):
+        raise ConfigError(f"config key {where}.shared_params: expected a mapping, got {params['shared_params']!r}")
     out = TwinParams(**params)
     for key in ("rank", "router_steps"):
         value = getattr(out, key)
@@ -187,7 +189,7 @@ def train_router(features: torch.Tensor, labels: torch.Tensor, n_experts: int, s
     torch.manual_seed(seed)
     router = Router(features.shape[1], n_experts)
     router.mean.copy_(features.mean(0))
-    router.std.copy_(features.std(0).clamp(min=1e-6))
+    router.std.copy_(features.std(0, correction=0).clamp(min=1e-6))
     opt = torch.optim.Adam(router.linear.parameters(), lr=lr)
     x = (features - router.mean) / router.std
     for _ in range(steps):
@@ -404,7 +406,8 @@ def build_twin(*, base: Path, experts: list[Path], tasks: list[str], validation_
         t0 = time.perf_counter()
         parts = exclusive_parts(tmp / SHARED_DIR, experts, params.rank)
         exclusive_bytes = save_parts(parts, tmp / EXCLUSIVE_FILE)
-        dense_bytes = sum(reconstruct(p).numel() * 4 for e in parts for p in e.values())
+        dense_bytes = sum(4 * (p["dense"].numel() if "dense" in p else p["U"].shape[0] * p["V"].shape[0])
+                          for e in parts for p in e.values())
         log_fn(f"exclusive parts at rank {params.rank}: {exclusive_bytes:,} B "
                f"({exclusive_bytes / dense_bytes:.1%} of dense) in {time.perf_counter() - t0:.1f}s")
 
