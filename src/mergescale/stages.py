@@ -6,10 +6,8 @@ Snakemake scripts and tests call these; each writes its output directory atomica
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
 
 from mergescale.io_utils import atomic_directory, atomic_write_json
 from mergescale.models import TinyShape, count_parameters, load_model, new_llama, save_model

@@ -39,6 +39,8 @@ INSTRUCT_BASES = [b for b in BASES if config["bases"][b]["source"] == "instruct"
 BASE_LABELS = base_labels(config["bases"])
 QUALITIES = sorted({labels["quality"] for labels in BASE_LABELS.values()})
 METHODS = config["merge"]["methods"]
+# Methods that are rules of their own (`rule:` in the config, workflow/rules/methods/).
+RULE_METHODS = [name for name, spec in METHODS.items() if "rule" in spec]
 COMBOS = expert_subsets(
     HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
 )
@@ -106,6 +108,31 @@ def multitask_train_config(combo):
 
 def get_expert_dirs(wildcards):
     return [f"results/experts/{wildcards.base}/{t}" for t in COMBOS[wildcards.combo]]
+
+
+def engine_methods():
+    """{method} wildcard of the generic merge rule: every method that is not a rule-method."""
+    return one_of([m for m in METHODS if m not in RULE_METHODS])
+
+
+def methods_using(rule_name):
+    """{method} wildcard of a rule-method's rule: the config names with `rule: <rule_name>`."""
+    return one_of([m for m in RULE_METHODS if METHODS[m]["rule"] == rule_name])
+
+
+def method_params(wildcards):
+    return METHODS[wildcards.method].get("params", {})
+
+
+def check_rule_methods():
+    """Called once every rule file is included: each `rule:` in the config names a rule."""
+    for name in RULE_METHODS:
+        wanted = METHODS[name]["rule"]
+        if not workflow.is_rule(wanted):
+            raise ValueError(
+                f"config key merge.methods.{name}.rule: no rule {wanted!r}; "
+                f"add workflow/rules/methods/{wanted}.smk (see README, 'Adding a merge method')"
+            )
 
 
 def get_method_source(wildcards):

@@ -11,6 +11,8 @@ rule merge:
         "results/logs/merge/{base}/{method}/{combo}.log",
     benchmark:
         "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
+    wildcard_constraints:
+        method=engine_methods(),  # rule-methods write their own outputs
     params:
         method=lambda wc: METHODS[wc.method]["method"],
         params=lambda wc: METHODS[wc.method].get("params", {}),

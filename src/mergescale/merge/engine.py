@@ -27,7 +27,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -283,27 +282,19 @@ def run_merge(req: MergeRequest) -> MergeResult:
                                            stats_reader)
             copied = copy_model_files(ref.path, tmp, out_dtype)
             card = {
-                "method": method.name,
-                "description": method.description,
-                "paper": method.paper,
-                "params": resolved.params,
-                "base": {"path": str(base_path.resolve())} if base_path is not None else None,
-                "experts": [
-                    {"path": str(p.resolve()), "params": ep} for p, ep in zip(req.experts, resolved.expert_params)
-                ],
-                "seed": req.seed,
-                "dtype": req.dtype or "as input",
-                "device": req.device,
+                **card_module.describe(
+                    method=method.name, description=method.description, paper=method.paper,
+                    params=resolved.params, base=base_path, experts=req.experts,
+                    expert_params=resolved.expert_params, seed=req.seed,
+                    dtype=req.dtype or "as input", device=req.device,
+                ),
                 "threads": torch.get_num_threads(),
                 "n_tensors": len(names),
                 "n_parameters": n_parameters,
                 "output_bytes": writer.total_bytes,
                 "shards": writer.names,
                 "copied_files": copied,
-                "versions": card_module.library_versions(),
-                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "wall_time_s": round(time.perf_counter() - start, 3),
-                "peak_rss_bytes": card_module.peak_rss_bytes(),
+                **card_module.cost(start),
             }
             if stats_reader is not None:
                 card["stats"] = {"kinds": list(method.stats), "dirs": [str(p) for p in req.stats],

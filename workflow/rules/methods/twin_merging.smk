@@ -1,0 +1,35 @@
+# Twin-Merging (Lu et al., 2024) as a rule-method: a shared merge plus SVD-compressed
+# exclusive parts mixed per input by a router (src/mergescale/twin_merging.py). Writes a
+# model-spec directory that lm-eval loads through the registered class `mergescale-twin`.
+import mergescale.twin_merging as twin_merging_module
+
+# Bad params fail before any job runs, naming the key.
+for _name in RULE_METHODS:
+    if METHODS[_name]["rule"] == "twin_merging":
+        twin_merging_module.check_params(METHODS[_name].get("params"), f"merge.methods.{_name}.params")
+
+
+rule twin_merging:
+    input:
+        base="results/bases/{base}",
+        experts=get_expert_dirs,
+        validation=lambda wc: [f"results/data/{t}/validation.jsonl" for t in COMBOS[wc.combo]],
+        code=twin_merging_module.__file__,  # editing the method re-runs only its merges
+    output:
+        merge_output("results/merged/{base}/{method}/{combo}"),
+    log:
+        "results/logs/merge/{base}/{method}/{combo}.log",
+    benchmark:
+        "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
+    wildcard_constraints:
+        method=methods_using("twin_merging"),
+    params:
+        params=method_params,
+        tasks=lambda wc: COMBOS[wc.combo],
+        dtype=config["merge"]["dtype"],
+        seed=config["seed"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+    script:
+        "../../scripts/twin_merging.py"

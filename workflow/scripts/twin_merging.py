@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from mergescale.job import log_to, set_threads
+from mergescale.twin_merging import build_twin, check_params
+
+with log_to(snakemake.log[0]) as log:
+    set_threads(snakemake.threads)
+    p = snakemake.params
+    card = build_twin(
+        base=Path(snakemake.input.base),
+        experts=[Path(e) for e in snakemake.input.experts],
+        tasks=list(p.tasks),
+        validation_files=[Path(f) for f in snakemake.input.validation],
+        out_dir=Path(snakemake.output[0]),
+        params=check_params(dict(p.params)),
+        seed=p.seed,
+        dtype=p.dtype,
+        log_fn=log,
+    )
+    log(f"done in {card['wall_time_s']:.2f}s, peak RSS {card['peak_rss_bytes'] / 2**20:.0f} MiB, "
+        f"storage {card['storage_bytes']}")
