@@ -1,5 +1,7 @@
 """The output-ensemble reference: averaged distributions and greedy decoding."""
 
+from pathlib import Path
+
 import torch
 
 from mergescale.ensemble import OutputEnsemble
@@ -48,3 +50,30 @@ def test_identical_members_equal_one_member():
     one = OutputEnsemble([model]).greedy_generate(ids, mask, 5, set(), tok.pad_token_id)
     three = OutputEnsemble([model, model, model]).greedy_generate(ids, mask, 5, set(), tok.pad_token_id)
     assert torch.equal(one, three)
+
+
+def test_lm_eval_scores_a_one_member_ensemble_like_its_member(tmp_path, monkeypatch):
+    """Through the real harness: the ensemble spec of one expert scores every example
+    exactly as that expert's checkpoint does."""
+    from mergescale.ensemble import write_ensemble_spec
+    from mergescale.evaluate import EvalRequest, evaluate
+    from mergescale.models import save_model
+    from mergescale.tasks import make_splits, write_jsonl, write_task_yaml
+
+    monkeypatch.chdir(tmp_path)  # task YAMLs point at data relative to the working dir
+    rows = make_splits("last_letter", {"train": 5, "validation": 5, "test": 24}, seed=0)["test"]
+    write_jsonl(rows, Path("data/last_letter/test.jsonl"))
+    write_task_yaml("last_letter", "test", "data/last_letter/test.jsonl", Path("tasks/last_letter_test.yaml"))
+    (model,), tok = _models(1)
+    save_model(model, tok, Path("expert"))
+    write_ensemble_spec(Path("ensemble"), [Path("expert")])
+
+    def scores(model_dir):
+        out = evaluate(EvalRequest(model_dir=Path(model_dir), task_dir=Path("tasks"),
+                                   tasks=(("last_letter", "test"),), batch_size=8, device="cpu"),
+                       log=lambda *_: None)
+        return out["scores"][0]
+
+    single, ensemble = scores("expert"), scores("ensemble")
+    assert ensemble["n"] == single["n"] == 24
+    assert ensemble["correct"] == single["correct"] and ensemble["value"] == single["value"]

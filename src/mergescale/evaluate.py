@@ -77,7 +77,7 @@ def _make_lm(req: EvalRequest):
     if (Path(req.model_dir) / "model_spec.json").exists():  # a model that is not a checkpoint
         from mergescale.spec_models import load_spec_model
 
-        return load_spec_model(Path(req.model_dir), device=req.device, batch_size=req.batch_size)
+        return load_spec_model(Path(req.model_dir), device=_device(req.device), batch_size=req.batch_size)
     # Code shipped with a checkpoint is never run (mergescale.remote_code).
     check_no_remote_code(req.model_dir)
     name, args = lm_model_args(req)

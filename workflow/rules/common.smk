@@ -76,6 +76,8 @@ def model_dirs():
         if has_multitask(config):
             out += [f"multitask/{base}/{c}" for c in COMBOS]
         out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in method_combos(m)]
+        if config["evaluate"].get("ensemble", True):
+            out += [f"ensembles/{base}/{c}" for c in COMBOS]
     return out
 
 

@@ -9,7 +9,7 @@ rule evaluate:
     benchmark:
         "results/benchmarks/evaluate/{model}.tsv"
     wildcard_constraints:
-        model=r"(bases|experts|multitask|merged)/[^/]+(/[^/]+){0,2}",
+        model=r"(bases|experts|multitask|merged|ensembles)/[^/]+(/[^/]+){0,2}",
     params:
         tasks=[[t, s] for t in PROCEDURAL_TASKS for s in EVAL_SPLITS],
         lm_eval_tasks={t: LM_EVAL_TASKS[t] for t in ALL_TASKS if t in LM_EVAL_TASKS},
@@ -22,3 +22,16 @@ rule evaluate:
         mem_mb=3000,
     script:
         "../scripts/evaluate.py"
+
+
+# The output-ensemble reference: a model spec naming the subset's experts, evaluated by
+# mergescale.ensemble's lm-eval class (no weights are written).
+rule ensemble:
+    input:
+        experts=get_expert_dirs,
+    output:
+        directory("results/ensembles/{base}/{combo}"),
+    log:
+        "results/logs/ensemble/{base}/{combo}.log",
+    script:
+        "../scripts/ensemble.py"
