@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mergescale.cross_seed_study import CROSS_SEED_METHODS
 from mergescale.io_utils import atomic_directory
 from mergescale.merge import card as card_module
 from mergescale.models import load_model, save_model
@@ -25,14 +26,6 @@ from mergescale.permutation import apply_permutation, llama_permutation_spec, we
 from mergescale.pleas import least_squares_merge, linear_layer_names
 from mergescale.train import collate, encode
 
-CROSS_SEED_METHODS = {
-    "average": ("Uniform average of the experts of both bases, without alignment.",
-                "Wortsman et al. 2022, Model soups, https://arxiv.org/abs/2203.05482"),
-    "weight_matching": ("Permute base B's experts onto base A's by weight matching, then average.",
-                        "Ainsworth et al. 2023, Git Re-Basin, https://arxiv.org/abs/2209.04836"),
-    "pleas": ("Weight matching, then per-layer least squares on validation activations (PLeaS).",
-              "Nasery et al. 2025, PLeaS, https://arxiv.org/abs/2407.02447"),
-}
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

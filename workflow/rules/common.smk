@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from mergescale.combos import expert_subsets
 from mergescale.config import check_semantics
+from mergescale.cross_seed_study import cross_seed_plan
 from mergescale.merge import get_method
 
 validate(config, "../schemas/config.schema.yaml")
@@ -22,6 +23,9 @@ METHODS = config["merge"]["methods"]
 COMBOS = expert_subsets(
     HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
 )
+# Optional cross-seed study (rules/methods/weight_matching.smk); its base_b is not in the grid.
+CROSS_SEED = cross_seed_plan(config, COMBOS)
+GRID_BASES = [b for b in BASES if CROSS_SEED is None or b != CROSS_SEED.base_b]
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
 
@@ -36,8 +40,8 @@ wildcard_constraints:
 
 def model_dirs():
     """Every model the workflow evaluates, as a path below results/."""
-    out = []
-    for base in BASES:
+    out = CROSS_SEED.model_dirs() if CROSS_SEED else []
+    for base in GRID_BASES:
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
         out.append(f"multitask/{base}/all")
@@ -50,7 +54,7 @@ def get_final_output():
         "results/tables/scores.csv",
         "results/tables/summary.md",
         "results/plots/normalized_vs_k.png",
-    ]
+    ] + (CROSS_SEED.final_outputs() if CROSS_SEED else [])
 
 
 def train_files(tasks):

@@ -9,6 +9,9 @@ rule merge:
         "results/logs/merge/{base}/{method}/{combo}.log",
     benchmark:
         "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
+    wildcard_constraints:
+        # only configured methods: rules of their own write other results/merged/ paths
+        method="|".join(map(re.escape, METHODS)),
     params:
         method=lambda wc: METHODS[wc.method]["method"],
         params=lambda wc: METHODS[wc.method].get("params", {}),
