@@ -85,3 +85,21 @@ def test_expert_with_a_missing_tensor_is_named(base_and_experts):
     broken.pop("lm_head.weight")
     with pytest.raises(ValueError, match="lm_head.weight"):
         TaskVectorModel(model, base, [broken], blocking="model")
+
+
+def test_atlas_plan_and_config_errors():
+    from pathlib import Path
+
+    import yaml
+
+    from mergescale.atlas_study import atlas_plan
+    from mergescale.config import ConfigError, check_schema
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    check_schema(config)
+    combos = {"k2s0": ["a", "b"], "k6s0": list("abcdef")}
+    plan = atlas_plan(config, combos)
+    assert plan == {"merged/tiny-s/atlas/k2s0": ["a", "b"], "merged/tiny-s/task_arithmetic_tuned/k2s0": ["a", "b"]}
+    config["atlas"]["bases"] = ["tiny-x"]
+    with pytest.raises(ConfigError, match="atlas.bases: 'tiny-x'"):
+        atlas_plan(config, combos)

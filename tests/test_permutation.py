@@ -251,3 +251,45 @@ def test_interpolate_end_points():
     assert torch.equal(interpolate(a, b, 0.0)["w"], a["w"])
     assert torch.equal(interpolate(a, b, 1.0)["w"], b["w"])
     assert torch.allclose(interpolate(a, b, 0.25)["w"], torch.full((3,), 0.25))
+
+
+def _config():
+    import yaml
+    from pathlib import Path
+
+    return yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+
+
+def test_cross_seed_plan_from_the_default_config():
+    from mergescale.combos import expert_subsets
+    from mergescale.cross_seed_study import cross_seed_plan
+
+    config = _config()
+    combos = expert_subsets(config["tasks"]["held_in"], config["merge"]["ks"],
+                            config["merge"]["subsets_per_k"], config["seed"])
+    plan = cross_seed_plan(config, combos)
+    assert set(plan.combos) == {c for c in combos if c.startswith("k2")}
+    for combo, (tasks_a, tasks_b) in plan.combos.items():
+        assert tasks_a + tasks_b == combos[combo][0::2] + combos[combo][1::2]
+        experts_a, experts_b = plan.experts(combo)
+        assert experts_a == [f"results/experts/tiny-s/{t}" for t in tasks_a]
+        assert experts_b == [f"results/experts/tiny-s-seed1/{t}" for t in tasks_b]
+    assert "merged/tiny-s/cross_pleas/k2s0" in plan.model_dirs()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["bases"]["tiny-s-seed1"]["pretrain"].update(seed=0), "cross_seed.base_b: .* another seed"),
+    (lambda c: c["cross_seed"].update(base_b="tiny-x"), "cross_seed.base_b: 'tiny-x' is not in bases"),
+    (lambda c: c["cross_seed"].update(ks=[3]), "cross_seed.ks: k=3 is not in merge.ks"),
+    (lambda c: c["bases"]["tiny-s-seed1"]["shape"].update(hidden_size=32), "must have the shape"),
+    (lambda c: c["cross_seed"]["barrier"].update(alphas=[0.0, 0.5]), "must include 0 and 1"),
+    (lambda c: c["cross_seed"]["barrier"].update(expert_tasks=["min_digit"]), "not a held-in task"),
+])
+def test_cross_seed_config_errors_name_the_key(edit, message):
+    from mergescale.config import ConfigError
+    from mergescale.cross_seed_study import cross_seed_plan
+
+    config = _config()
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        cross_seed_plan(config, {"k2s0": ["first_letter", "last_letter"]})

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from scipy.optimize import minimize_scalar
 from torch.func import functional_call
 
+from mergescale.merged_model import save_merged
+from mergescale.models import load_model
 from mergescale.train import collate, encode
 
 BLOCKINGS = ("tensor", "layer", "model")
@@ -108,3 +112,44 @@ def line_search_coefficient(tvm: TaskVectorModel, batch: dict[str, torch.Tensor]
     if res.fun <= losses[best]:
         return float(res.x), float(res.fun)
     return grid[best], losses[best]
+
+
+def merge_atlas(method: str, base_dir: Path, expert_dirs: list[Path], rows: list[dict], out_dir: Path,
+                blocks: str = "tensor", steps: int = 100, lr: float = 0.05, init: float = 0.3,
+                seed: int = 0, dtype: str = "float32", log=print) -> dict:
+    """`atlas` (learned coefficients) or `task_arithmetic_tuned` (one line-searched
+    coefficient) of `expert_dirs` over `base_dir`, from labelled `rows`; saved with a card."""
+    from mergescale.atlas_study import ATLAS_METHODS
+
+    if method not in ATLAS_METHODS:
+        raise ValueError(f"method {method!r}: expected one of {sorted(ATLAS_METHODS)}")
+    if not rows:
+        raise ValueError(f"{method} needs labelled validation examples")
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(base_dir)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    experts = [{n: p.detach() for n, p in load_model(d)[0].named_parameters()} for d in expert_dirs]
+    tvm = TaskVectorModel(model, base, experts, blocks if method == "atlas" else "model")
+    batch = answer_batch(tokenizer, rows)
+    if method == "atlas":
+        coef = learn_coefficients(tvm, batch, steps=steps, lr=lr, init=init, log=log)
+        params = {"blocks": blocks, "steps": steps, "lr": lr, "init": init}
+    else:
+        lam, _ = line_search_coefficient(tvm, batch)
+        coef = torch.full((len(experts), 1), lam)
+        params = {"lambda": lam}
+    with torch.no_grad():
+        loss = tvm.loss(coef, batch).item()
+        model.load_state_dict(tvm.params(coef), strict=False)
+    log(f"{method}: validation answer loss {loss:.4f} on {len(rows)} examples")
+    description, paper = ATLAS_METHODS[method]
+    return save_merged(model, tokenizer, out_dir, {
+        "method": method, "description": description, "paper": paper,
+        "params": {**params, "examples": len(rows), "validation_loss": loss},
+        "base": {"path": str(Path(base_dir).resolve())},
+        "experts": [{"path": str(Path(d).resolve()),
+                     "params": {"coefficients": [round(x, 5) for x in coef[i].tolist()]}}
+                    for i, d in enumerate(expert_dirs)],
+        "seed": seed, "blocks": tvm.blocks if method == "atlas" else ["model"],
+    }, start, dtype)

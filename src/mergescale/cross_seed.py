@@ -13,19 +13,16 @@ methods, all uniform averages over the k experts:
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from mergescale.cross_seed_study import CROSS_SEED_METHODS
-from mergescale.io_utils import atomic_directory
-from mergescale.merge import card as card_module
-from mergescale.models import load_model, save_model
+from mergescale.merged_model import save_merged
+from mergescale.models import load_model
 from mergescale.permutation import apply_permutation, llama_permutation_spec, weight_matching
 from mergescale.pleas import least_squares_merge, linear_layer_names
 from mergescale.train import collate, encode
-
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -89,27 +86,17 @@ def merge_cross_seed(method: str, experts_a: list[Path], experts_b: list[Path], 
         model.eval()
         residuals = least_squares_merge(model, originals, linear_layer_names(model),
                                         text_batches(tokenizer, rows, batch_size), ridge, log)
-    model = model.to(getattr(torch, dtype))
     description, paper = CROSS_SEED_METHODS[method]
-    with atomic_directory(out_dir) as tmp:
-        save_model(model, tokenizer, tmp)
-        card = {
-            "method": f"cross_seed_{method}", "description": description, "paper": paper,
-            "params": {"max_iter": max_iter, **({"ridge": ridge, "examples": len(rows or [])}
-                                               if method == "pleas" else {})},
-            "base": None,
-            "experts": [{"path": str(Path(p).resolve()), "params": {"side": side}}
-                        for side, paths in (("A", experts_a), ("B", experts_b)) for p in paths],
-            "seed": seed, "dtype": dtype, "device": "cpu", "threads": torch.get_num_threads(),
-            "n_tensors": len(merged), "n_parameters": sum(t.numel() for t in merged.values()),
-            "shards": sorted(p.name for p in tmp.glob("*.safetensors")),
-            "permutation_sizes": {g: len(p) for g, p in perms.items()} if perms else None,
-            "pleas_relative_residuals": residuals,
-            "versions": card_module.library_versions(),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_time_s": round(time.perf_counter() - start, 3),
-            "peak_rss_bytes": card_module.peak_rss_bytes(),
-        }
-        card_module.write_card(tmp, card)
+    card = save_merged(model, tokenizer, out_dir, {
+        "method": f"cross_seed_{method}", "description": description, "paper": paper,
+        "params": {"max_iter": max_iter, **({"ridge": ridge, "examples": len(rows or [])}
+                                           if method == "pleas" else {})},
+        "base": None,
+        "experts": [{"path": str(Path(p).resolve()), "params": {"side": side}}
+                    for side, paths in (("A", experts_a), ("B", experts_b)) for p in paths],
+        "seed": seed,
+        "permutation_sizes": {g: len(p) for g, p in perms.items()} if perms else None,
+        "pleas_relative_residuals": residuals,
+    }, start, dtype)
     log(f"cross-seed {method}: {len(experts_a)} + {len(experts_b)} experts in {card['wall_time_s']:.1f}s")
     return card

@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from mergescale.combos import expert_subsets
 from mergescale.config import check_semantics
+from mergescale.atlas_study import atlas_plan
 from mergescale.cross_seed_study import cross_seed_plan
 from mergescale.merge import get_method
 
@@ -26,6 +27,7 @@ COMBOS = expert_subsets(
 # Optional cross-seed study (rules/methods/weight_matching.smk); its base_b is not in the grid.
 CROSS_SEED = cross_seed_plan(config, COMBOS)
 GRID_BASES = [b for b in BASES if CROSS_SEED is None or b != CROSS_SEED.base_b]
+ATLAS = atlas_plan(config, COMBOS) or {}  # optional aTLAS study (rules/methods/atlas.smk)
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
 
@@ -40,7 +42,7 @@ wildcard_constraints:
 
 def model_dirs():
     """Every model the workflow evaluates, as a path below results/."""
-    out = CROSS_SEED.model_dirs() if CROSS_SEED else []
+    out = (CROSS_SEED.model_dirs() if CROSS_SEED else []) + list(ATLAS)
     for base in GRID_BASES:
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
