@@ -111,3 +111,25 @@ def plot_base_quality(normalized: pd.DataFrame, out: Path) -> None:
                 _mean_std_line(ax, g, column, label=quality, color=colours[quality])
             ax.set_title(f"size {size}: {label}")
     _finish(fig, axes, out)
+
+
+def plot_barrier(curves: pd.DataFrame, out: Path) -> None:
+    """Loss (top) and score (bottom) against alpha, naive vs matched; a panel per pair."""
+    pairs = list(dict.fromkeys(curves.pair))
+    fig, axes = plt.subplots(2, len(pairs), figsize=(4.2 * len(pairs), 6.0), squeeze=False, sharex=True)
+    styles = {False: ("naive", "tab:red", "o"), True: ("weight matching", "tab:blue", "s")}
+    for col, pair in enumerate(pairs):
+        for row, (column, label) in enumerate([("loss", "validation loss"), ("score", "exact match")]):
+            ax = axes[row][col]
+            for matched, g in curves[curves.pair == pair].groupby("matched"):
+                name, colour, marker = styles[bool(matched)]
+                g = g.sort_values("alpha")
+                ax.plot(g.alpha, g[column], marker=marker, color=colour, label=name)
+            ax.set_title(f"{pair}: {label}")
+            ax.set_xlabel("alpha (0: model A, 1: model B)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _save(fig, out)

@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 from mergescale.combos import expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
 from mergescale.grid import base_labels, instruct_tasks
+from mergescale.atlas_study import atlas_plan
+from mergescale.cross_seed_study import cross_seed_plan
 from mergescale.merge import get_method
 from mergescale.sources import (
     bases_with_fetched_experts,
@@ -44,6 +46,10 @@ RULE_METHODS = [name for name, spec in METHODS.items() if "rule" in spec]
 COMBOS = expert_subsets(
     HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
 )
+# Optional cross-seed study (rules/methods/weight_matching.smk); its base_b is not in the grid.
+CROSS_SEED = cross_seed_plan(config, COMBOS)
+GRID_BASES = [b for b in BASES if CROSS_SEED is None or b != CROSS_SEED.base_b]
+ATLAS = atlas_plan(config, COMBOS) or {}  # optional aTLAS study (rules/methods/atlas.smk)
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
 # Data for the statistics of data-aware methods (and their fits): split and examples.
@@ -69,8 +75,8 @@ wildcard_constraints:
 
 def model_dirs():
     """Every model the workflow evaluates, as a path below results/."""
-    out = []
-    for base in BASES:
+    out = (CROSS_SEED.model_dirs() if CROSS_SEED else []) + list(ATLAS)
+    for base in GRID_BASES:
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
         if has_multitask(config):
@@ -94,7 +100,7 @@ def get_final_output():
         "results/findings.md",
         *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
         "results/plots/base_quality.png",
-    ]
+    ] + (CROSS_SEED.final_outputs() if CROSS_SEED else [])
 
 
 def train_files(tasks):

@@ -1,0 +1,83 @@
+# Cross-seed merging (config key cross_seed): experts of two bases pretrained from
+# different seeds, merged without alignment, with permutation weight matching, and with
+# PLeaS; and loss barriers between the two bases before and after matching. The plan
+# (which experts, which models are evaluated) is CROSS_SEED, built in common.smk.
+
+if CROSS_SEED:
+
+    import mergescale.cross_seed_study
+
+    CROSS_SEED_CFG = config["cross_seed"]
+
+    def get_cross_seed_inputs(wildcards):
+        experts_a, experts_b = CROSS_SEED.experts(wildcards.combo)
+        tasks = COMBOS[wildcards.combo]
+        return {
+            "experts_a": experts_a,
+            "experts_b": experts_b,
+            "data": [f"results/data/{t}/validation.jsonl" for t in tasks],
+        }
+
+    rule merge_cross_seed:
+        input:
+            unpack(get_cross_seed_inputs),
+            # editing the implementation re-runs these merges
+            source=str(Path(mergescale.cross_seed_study.__file__).with_name("cross_seed.py")),
+        output:
+            merge_output(f"results/merged/{CROSS_SEED.base_a}/cross_{{xmethod}}/{{combo}}"),
+        log:
+            f"results/logs/merge_cross_seed/{CROSS_SEED.base_a}/{{xmethod}}/{{combo}}.log",
+        benchmark:
+            f"results/benchmarks/merge_cross_seed/{CROSS_SEED.base_a}/{{xmethod}}/{{combo}}.tsv"
+        wildcard_constraints:
+            xmethod="|".join(CROSS_SEED.methods),
+            combo="|".join(CROSS_SEED.combos),
+        params:
+            max_iter=CROSS_SEED_CFG.get("max_iter", 100),
+            pleas=CROSS_SEED_CFG.get("pleas", {}),
+            dtype=config["merge"]["dtype"],
+            seed=config["seed"],
+        threads: 1
+        resources:
+            mem_mb=2000,
+        script:
+            "../../scripts/weight_matching.py"
+
+    rule barrier:
+        input:
+            base_a=f"results/bases/{CROSS_SEED.base_a}",
+            base_b=f"results/bases/{CROSS_SEED.base_b}",
+            experts_a=[f"results/experts/{CROSS_SEED.base_a}/{t}" for t in CROSS_SEED.expert_pairs],
+            experts_b=[f"results/experts/{CROSS_SEED.base_b}/{t}" for t in CROSS_SEED.expert_pairs],
+            data=[f"results/data/{t}/validation.jsonl" for t in ALL_TASKS],
+            tasks=[f"results/tasks/{t}_validation.yaml" for t in CROSS_SEED.score_tasks + CROSS_SEED.expert_pairs],
+        output:
+            curves=report("results/tables/barrier.csv", caption="../../report/barrier.rst", category="Tables"),
+            heights="results/tables/barrier_heights.csv",
+        log:
+            "results/logs/barrier.log",
+        benchmark:
+            "results/benchmarks/barrier.tsv"
+        params:
+            expert_tasks=CROSS_SEED.expert_pairs,
+            score_tasks=CROSS_SEED.score_tasks,
+            barrier=CROSS_SEED_CFG.get("barrier", {}),
+            max_iter=CROSS_SEED_CFG.get("max_iter", 100),
+            batch_size=config["evaluate"]["batch_size"],
+            seed=config["seed"],
+        threads: 1
+        resources:
+            mem_mb=3000,
+        script:
+            "../../scripts/barrier.py"
+
+    rule plot_barrier:
+        input:
+            curves="results/tables/barrier.csv",
+        output:
+            report("results/plots/barrier.png", caption="../../report/barrier.rst", category="Figures"),
+        log:
+            "results/logs/plot_barrier.log",
+        localrule: True
+        script:
+            "../../scripts/plot_barrier.py"
