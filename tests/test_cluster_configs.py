@@ -29,6 +29,7 @@ def expected_jobs(config: dict) -> dict[str, int]:
     fetched_experts = sum(1 for b in bases.values() if b.get("experts"))
     trained_experts = len(bases) - fetched_experts
     multitask = "multitask" in config.get("finetune", {})
+    ensemble = config.get("evaluate", {}).get("ensemble", True)
     counts = {
         "download_base": sum(1 for b in bases.values() if b["source"] in ("hub", "local")),
         "download_expert": fetched_experts * len(held_in),
@@ -38,7 +39,8 @@ def expected_jobs(config: dict) -> dict[str, int]:
         if (trained_experts or multitask) else 0,
         "merge": len(bases) * n_methods * n_combos,
         "tune": len(bases) * n_combos * sum(bool(m.get("tune")) for m in config["merge"]["methods"].values()),
-        "evaluate": len(bases) * (1 + len(held_in) + (int(multitask) + n_methods) * n_combos),
+        "ensemble": len(bases) * n_combos * int(ensemble),
+        "evaluate": len(bases) * (1 + len(held_in) + (int(multitask) + n_methods + int(ensemble)) * n_combos),
         "aggregate": 1, "findings": 1, "plot": 1, "all": 1,
     }
     return {rule: n for rule, n in counts.items() if n}

@@ -104,12 +104,14 @@ def expected_study_jobs(config: dict) -> dict[str, int]:
     yamls = len(held_in + held_out) * len(splits)
     if n_tuned and "validation" not in splits:
         yamls += len(held_in)  # validation YAMLs of the tasks tuning may touch
-    models_per_base = 1 + len(held_in) + n_combos * (1 + len(methods))
+    ensemble = config["evaluate"].get("ensemble", True)
+    models_per_base = 1 + len(held_in) + n_combos * (1 + len(methods) + int(ensemble))
     return {
         "make_task_data": len(data_tasks), "render_task": yamls,
         "pretrain_base": n_bases - n_instruct, "instruct_base": n_instruct,
         "finetune_expert": n_bases * len(held_in), "finetune_multitask": n_bases * n_combos,
         "merge": n_bases * n_combos * len(methods), "tune": n_bases * n_combos * n_tuned,
+        "ensemble": n_bases * n_combos * int(ensemble),
         "evaluate": n_bases * models_per_base,
         "aggregate": 1, "findings": 1, "plot": 1, "all": 1,
     }

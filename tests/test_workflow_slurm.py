@@ -29,6 +29,7 @@ def test_smoke_workflow_on_slurm_matches_local_run(slurm_env, smoke_run, tmp_pat
     cluster = pd.read_csv(workdir / "results/tables/scores.csv")[cols]
     local = pd.read_csv(smoke_run / "results/tables/scores.csv")[cols]
     assert set(cluster.model) == {"bases/smoke", "experts/smoke/last_letter", "experts/smoke/next_letter",
-                                  "experts/smoke/word_length", "multitask/smoke/k2s0", "merged/smoke/ties/k2s0"}
+                                  "experts/smoke/word_length", "multitask/smoke/k2s0", "merged/smoke/ties/k2s0",
+                                  "ensembles/smoke/k2s0"}
     expected = local[local.model.isin(set(cluster.model))].reset_index(drop=True)
     pd.testing.assert_frame_equal(cluster.reset_index(drop=True), expected)

@@ -29,7 +29,8 @@ def run_dir(smoke_run):
 def test_scores_table_is_complete_and_sane(run_dir):
     scores = pd.read_csv(run_dir / "results/tables/scores.csv")
     n_combos = 2  # k=2 and k=3, one subset each
-    n_models = 1 + len(HELD_IN) + n_combos * (1 + len(METHODS))  # a multitask model per subset
+    # per subset: a multitask model, the output ensemble, every method's merge
+    n_models = 1 + len(HELD_IN) + n_combos * (2 + len(METHODS))
     assert len(scores) == n_models * (len(HELD_IN) + len(HELD_OUT))
     assert scores.value.between(0, 1).all()
     assert (scores.n == SMOKE["data"]["sizes"]["test"]).all()
@@ -43,8 +44,8 @@ def test_scores_table_is_complete_and_sane(run_dir):
 def test_normalized_table_matches_scores(run_dir):
     scores = pd.read_csv(run_dir / "results/tables/scores.csv")
     norm = pd.read_csv(run_dir / "results/tables/normalized.csv")
-    assert set(norm.method) == set(METHODS) | {"multitask", "base"}
-    assert set(norm[norm.reference].method) == {"multitask", "base"}
+    assert set(norm.method) == set(METHODS) | {"multitask", "base", "ensemble"}
+    assert set(norm[norm.reference].method) == {"multitask", "base", "ensemble"}
     row = norm[(norm.method == "ties") & (norm.k == 3)].iloc[0]
     merged = scores[(scores.method == "ties") & (scores.combo == row.combo)].set_index("task").value
     experts = scores[(scores.kind == "expert") & (scores.task == scores.expert_task)].set_index("task").value
