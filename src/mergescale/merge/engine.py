@@ -7,6 +7,7 @@ shard being written, so memory holds a few tensors per expert, never whole model
     validate inputs (headers, configs, names, shapes, dtypes)   -- nothing written yet
     for each tensor name (reference storage order):
         read base + experts (a reader thread fetches the next tensor meanwhile)
+        (data-aware methods: + each expert's statistics of this tensor, mergescale.stats)
         check finite -> to device, float32 -> method(...) -> output dtype -> shard file
     copy config/tokenizer files, write merge_card.json + README.md
     os.replace(temporary sibling directory, out_dir)     -- mergescale.io_utils.atomic_directory
