@@ -59,11 +59,14 @@ def _cost_columns(card: dict, merged: bool) -> dict:
         "stats_seconds": sum(c.get("seconds", 0) for c in stats) if stats else None,
         "stats_peak_rss_mb": max(c.get("peak_rss_bytes", 0) for c in stats) / 2**20 if stats else None,
         "merge_params": json.dumps(card["params"], sort_keys=True) if "params" in card else None,
+        # methods that keep per-expert parts beside a merged model (Twin-Merging)
+        "exclusive_storage_mb": (card["storage_bytes"]["exclusive"] / 2**20
+                                 if "exclusive" in card.get("storage_bytes", {}) else None),
     }
 
 
 COST_COLUMNS = ("merge_seconds", "merge_peak_rss_mb", "fit_seconds", "stats_seconds",
-                "stats_peak_rss_mb", "merge_params")
+                "stats_peak_rss_mb", "merge_params", "exclusive_storage_mb")
 
 
 def _trained_tasks(meta: dict, combos: dict[str, list[str]]) -> set[str]:
@@ -174,7 +177,8 @@ def method_table(normalized: pd.DataFrame) -> pd.DataFrame:
              "merge_seconds": ("merge_seconds", "mean"),
              "merge_peak_rss_mb": ("merge_peak_rss_mb", "max"),
              "stats_seconds": ("stats_seconds", "mean"),
-             "stats_peak_rss_mb": ("stats_peak_rss_mb", "max")}
+             "stats_peak_rss_mb": ("stats_peak_rss_mb", "max"),
+             "exclusive_storage_mb": ("exclusive_storage_mb", "mean")}
     for column in METRICS:
         named[f"{column}_mean"] = (column, "mean")
         named[f"{column}_std"] = (column, "std")
@@ -198,6 +202,7 @@ def _display(table: pd.DataFrame) -> pd.DataFrame:
     # data-aware methods: the compute_stats jobs of the merged experts (seconds summed)
     shown["stats s"] = [f"{x:.2f}" if pd.notna(x) else "-" for x in table.stats_seconds]
     shown["stats peak RSS MiB"] = [f"{x:.0f}" if pd.notna(x) else "-" for x in table.stats_peak_rss_mb]
+    shown["exclusive parts MiB"] = [f"{x:.2f}" if pd.notna(x) else "-" for x in table.exclusive_storage_mb]
     return pd.DataFrame(shown)
 
 
