@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator, Mapping
 
 from mergescale.tasks.lmeval_yaml import lm_eval_task_name
 
@@ -45,26 +46,18 @@ def _make_lm(req: EvalRequest):
     raise ValueError(f"unknown evaluation backend {req.backend!r}; use 'hf' or 'vllm'")
 
 
-def evaluate(req: EvalRequest, log=print) -> dict:
-    """Run lm-eval on ``req.tasks`` and return tidy scores with per-example correctness."""
-    import lm_eval
+def _task_manager(task_dir: Path, names):
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    start = time.perf_counter()
-    names = {lm_eval_task_name(t, s): (t, s) for t, s in req.tasks}
-    manager = TaskManager(include_path=str(req.task_dir), include_defaults=False)
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     missing = sorted(set(names) - set(manager.all_tasks))
     if missing:
-        raise FileNotFoundError(f"no lm-eval task YAML in {req.task_dir} for: {', '.join(missing)}")
-    lm = _make_lm(req)
-    loaded = time.perf_counter()
-    log(f"loaded {req.model_dir} in {loaded - start:.1f}s; scoring {len(names)} task(s)")
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=sorted(names), task_manager=manager, limit=req.limit,
-        log_samples=True, random_seed=req.seed, numpy_random_seed=req.seed,
-        torch_random_seed=req.seed, fewshot_random_seed=req.seed,
-    )
+        raise FileNotFoundError(f"no lm-eval task YAML in {task_dir} for: {', '.join(missing)}")
+    return manager
+
+
+def _score_rows(out: dict, names: dict[str, tuple[str, str]], log) -> list[dict]:
+    """Tidy per-task rows (with per-example correctness) from simple_evaluate's output."""
     key = f"{METRIC},{FILTER}"
     rows = []
     for name, (task, split) in sorted(names.items()):
@@ -79,6 +72,26 @@ def evaluate(req: EvalRequest, log=print) -> dict:
             "n": len(correct), "correct": correct,
         })
         log(f"  {task:16s} {split:10s} {METRIC} {res[key]:.3f}  (n={len(correct)})")
+    return rows
+
+
+def evaluate(req: EvalRequest, log=print) -> dict:
+    """Run lm-eval on ``req.tasks`` and return tidy scores with per-example correctness."""
+    import lm_eval
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    names = {lm_eval_task_name(t, s): (t, s) for t, s in req.tasks}
+    manager = _task_manager(req.task_dir, names)
+    lm = _make_lm(req)
+    loaded = time.perf_counter()
+    log(f"loaded {req.model_dir} in {loaded - start:.1f}s; scoring {len(names)} task(s)")
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=sorted(names), task_manager=manager, limit=req.limit,
+        log_samples=True, random_seed=req.seed, numpy_random_seed=req.seed,
+        torch_random_seed=req.seed, fewshot_random_seed=req.seed,
+    )
+    rows = _score_rows(out, names, log)
     return {
         "model_dir": str(req.model_dir), "backend": req.backend, "scores": rows,
         "lm_eval_version": lm_eval.__version__,
@@ -103,3 +116,71 @@ def evaluate_and_save(req: EvalRequest, out: Path, log=print) -> dict:
             result["model_card"] = json.loads(card.read_text())
     atomic_write_json(out, result)
     return result
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model of a batch: its weights and the (task, split) pairs it is scored on.
+
+    weights: a checkpoint directory, or a state dict (name -> tensor) of the batch's
+    architecture, e.g. an intermediate merge that is never written to disk.
+    """
+
+    name: str
+    weights: Path | Mapping[str, "torch.Tensor"]
+    tasks: tuple[tuple[str, str], ...]
+    meta: Mapping = field(default_factory=dict)  # caller's labels, carried along
+
+
+def evaluate_candidates(
+    reference_dir: Path, candidates: Iterable[Candidate], task_dir: Path, *, device: str = "cpu",
+    batch_size: int = 64, limit: int | None = None, seed: int = 0, log=print,
+) -> Iterator[tuple[Candidate, dict]]:
+    """Score many models of one architecture in this process: lm-eval, the task index and
+    the model are set up once, and each candidate's weights are swapped into the model.
+
+    ``reference_dir`` gives the architecture and tokenizer (any model of the batch).
+    Candidates are consumed lazily (so a generator can build each merge just before it
+    is scored) and yielded back with a result shaped like evaluate()'s; scores equal
+    those of evaluate() on the same weights (same lm-eval call, same seeds).
+    """
+    import lm_eval
+    import torch
+
+    from mergescale.merged_state import load_state
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    manager = None
+    lm = _make_lm(EvalRequest(model_dir=Path(reference_dir), task_dir=Path(task_dir), tasks=(),
+                              device=device, batch_size=batch_size, limit=limit, seed=seed))
+    model = lm._model
+    log(f"loaded {reference_dir} as the batch's model in {time.perf_counter() - start:.1f}s")
+    for cand in candidates:
+        t0 = time.perf_counter()
+        names = {lm_eval_task_name(t, s): (t, s) for t, s in cand.tasks}
+        if manager is None:
+            manager = _task_manager(Path(task_dir), names)
+        else:
+            missing = sorted(set(names) - set(manager.all_tasks))
+            if missing:
+                raise FileNotFoundError(f"no lm-eval task YAML in {task_dir} for: {', '.join(missing)}")
+        state = load_state(cand.weights) if isinstance(cand.weights, (str, Path)) else cand.weights
+        with torch.no_grad():
+            try:
+                model.load_state_dict(dict(state), strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"candidate {cand.name}: weights do not fit the model of "
+                                 f"{reference_dir}: {err}") from None
+        del state
+        log(f"candidate {cand.name}: {len(names)} task(s)")
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=sorted(names), task_manager=manager, limit=limit,
+            log_samples=True, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+        yield cand, {
+            "model": cand.name, "backend": "hf", "scores": _score_rows(out, names, log),
+            "lm_eval_version": lm_eval.__version__,
+            "seconds": {"total": round(time.perf_counter() - t0, 2)},
+        }
