@@ -132,55 +132,71 @@ class Candidate:
     meta: Mapping = field(default_factory=dict)  # caller's labels, carried along
 
 
-def evaluate_candidates(
-    reference_dir: Path, candidates: Iterable[Candidate], task_dir: Path, *, device: str = "cpu",
-    batch_size: int = 64, limit: int | None = None, seed: int = 0, log=print,
-) -> Iterator[tuple[Candidate, dict]]:
-    """Score many models of one architecture in this process: lm-eval, the task index and
-    the model are set up once, and each candidate's weights are swapped into the model.
+class BatchEvaluator:
+    """Scores many models of one architecture in this process: lm-eval, the task index
+    and the model are set up once, and each candidate's weights are swapped into the
+    model (no lm-eval start-up per candidate).
 
     ``reference_dir`` gives the architecture and tokenizer (any model of the batch).
-    Candidates are consumed lazily (so a generator can build each merge just before it
-    is scored) and yielded back with a result shaped like evaluate()'s; scores equal
-    those of evaluate() on the same weights (same lm-eval call, same seeds).
+    score() consumes candidates lazily (a generator can build each merge just before it
+    is scored) and yields them back with a result shaped like evaluate()'s; scores equal
+    those of evaluate() on the same weights (same lm-eval call, same seeds). HF backend.
     """
-    import lm_eval
-    import torch
 
-    from mergescale.merged_state import load_state
+    def __init__(self, reference_dir: Path, task_dir: Path, *, device: str = "cpu", batch_size: int = 64,
+                 limit: int | None = None, seed: int = 0, log=print):
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        start = time.perf_counter()
+        self.task_dir, self.limit, self.seed, self.log = Path(task_dir), limit, seed, log
+        self.lm = _make_lm(EvalRequest(model_dir=Path(reference_dir), task_dir=self.task_dir, tasks=(),
+                                       device=device, batch_size=batch_size, limit=limit, seed=seed))
+        self.reference_dir = reference_dir
+        self._manager = None
+        self.n_scored = 0
+        log(f"loaded {reference_dir} as the batch's model in {time.perf_counter() - start:.1f}s")
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    start = time.perf_counter()
-    manager = None
-    lm = _make_lm(EvalRequest(model_dir=Path(reference_dir), task_dir=Path(task_dir), tasks=(),
-                              device=device, batch_size=batch_size, limit=limit, seed=seed))
-    model = lm._model
-    log(f"loaded {reference_dir} as the batch's model in {time.perf_counter() - start:.1f}s")
-    for cand in candidates:
-        t0 = time.perf_counter()
-        names = {lm_eval_task_name(t, s): (t, s) for t, s in cand.tasks}
-        if manager is None:
-            manager = _task_manager(Path(task_dir), names)
-        else:
-            missing = sorted(set(names) - set(manager.all_tasks))
-            if missing:
-                raise FileNotFoundError(f"no lm-eval task YAML in {task_dir} for: {', '.join(missing)}")
-        state = load_state(cand.weights) if isinstance(cand.weights, (str, Path)) else cand.weights
-        with torch.no_grad():
-            try:
-                model.load_state_dict(dict(state), strict=True)
-            except RuntimeError as err:
-                raise ValueError(f"candidate {cand.name}: weights do not fit the model of "
-                                 f"{reference_dir}: {err}") from None
-        del state
-        log(f"candidate {cand.name}: {len(names)} task(s)")
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=sorted(names), task_manager=manager, limit=limit,
-            log_samples=True, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed,
-        )
-        yield cand, {
-            "model": cand.name, "backend": "hf", "scores": _score_rows(out, names, log),
-            "lm_eval_version": lm_eval.__version__,
-            "seconds": {"total": round(time.perf_counter() - t0, 2)},
-        }
+    def _tasks(self, names) -> "object":
+        if self._manager is None:
+            self._manager = _task_manager(self.task_dir, names)
+        missing = sorted(set(names) - set(self._manager.all_tasks))
+        if missing:
+            raise FileNotFoundError(f"no lm-eval task YAML in {self.task_dir} for: {', '.join(missing)}")
+        return self._manager
+
+    def score(self, candidates: Iterable[Candidate]) -> Iterator[tuple[Candidate, dict]]:
+        import lm_eval
+        import torch
+
+        from mergescale.merged_state import load_state
+
+        model = self.lm._model
+        for cand in candidates:
+            t0 = time.perf_counter()
+            names = {lm_eval_task_name(t, s): (t, s) for t, s in cand.tasks}
+            manager = self._tasks(names)
+            state = load_state(cand.weights) if isinstance(cand.weights, (str, Path)) else cand.weights
+            with torch.no_grad():
+                try:
+                    model.load_state_dict(dict(state), strict=True)
+                except RuntimeError as err:
+                    raise ValueError(f"candidate {cand.name}: weights do not fit the model of "
+                                     f"{self.reference_dir}: {err}") from None
+            del state
+            self.log(f"candidate {cand.name}: {len(names)} task(s)")
+            out = lm_eval.simple_evaluate(
+                model=self.lm, tasks=sorted(names), task_manager=manager, limit=self.limit,
+                log_samples=True, random_seed=self.seed, numpy_random_seed=self.seed,
+                torch_random_seed=self.seed, fewshot_random_seed=self.seed,
+            )
+            self.n_scored += 1
+            yield cand, {
+                "model": cand.name, "backend": "hf", "scores": _score_rows(out, names, self.log),
+                "lm_eval_version": lm_eval.__version__,
+                "seconds": {"total": round(time.perf_counter() - t0, 2)},
+            }
+
+
+def evaluate_candidates(reference_dir: Path, candidates: Iterable[Candidate], task_dir: Path,
+                        **kwargs) -> Iterator[tuple[Candidate, dict]]:
+    """BatchEvaluator(reference_dir, task_dir, **kwargs).score(candidates)."""
+    return BatchEvaluator(reference_dir, task_dir, **kwargs).score(candidates)
