@@ -63,6 +63,15 @@ def check_semantics(config: dict) -> None:
                 )
     for name, spec in config["merge"]["methods"].items():
         where = f"merge.methods.{name}"
+        if "rule" in spec:  # a method that is a workflow rule of its own
+            from mergescale.rule_methods import check_rule_exists, resolve_params
+
+            try:
+                check_rule_exists(spec["rule"])
+                resolve_params(spec["rule"], spec.get("params"), where="params.")
+            except (ValueError, MergeInputError) as err:
+                raise ConfigError(f"config key {where}: {err.args[0]}") from None
+            continue
         try:
             method = get_method(spec["method"])
             validate_params(method, spec.get("params"))

@@ -209,3 +209,69 @@ def continual_rows(scored) -> list[dict]:
     """(candidate, result) pairs -> one row per (method, order, step, task)."""
     return [{**cand.meta, "task": s["task"], "split": s["split"], "score": s["value"], "n": s["n"]}
             for cand, result in scored for s in result["scores"]]
+
+
+def run_opcm_job(base_dir, expert_dirs: Mapping[str, "Path"], out_dir, curves_csv, task_dir, params: Mapping,
+                 labels: Mapping | None = None, dtype: str = "float32", seed: int = 0, batch_size: int = 64,
+                 limit: int | None = None, log=print) -> dict:
+    """The workflow job: OPCM of the experts in their given order -> out_dir (checkpoint +
+    merge card), then every intermediate merge of OPCM and both baselines, for
+    ``params['orders']`` arrival orders, scored on the test split of the tasks merged so
+    far (one lm-eval session) -> curves_csv, whose first columns are ``labels``."""
+    import time
+    from pathlib import Path
+
+    import pandas as pd
+
+    from mergescale.evaluate import BatchEvaluator
+    from mergescale.io_utils import atomic_write_text
+    from mergescale.merged_state import open_checkpoints, write_merged_checkpoint
+
+    start = time.perf_counter()
+    tasks = list(expert_dirs)
+    checkpoints = open_checkpoints(Path(base_dir), [Path(expert_dirs[t]) for t in tasks])
+    experts = dict(zip(tasks, checkpoints[1:]))
+    base = load_base(checkpoints[0])
+    merger = merge_in_order(base, experts, tasks, params["alpha"])
+    card = write_merged_checkpoint(merger.state_dict(), Path(base_dir), Path(out_dir), {
+        "method": "opcm", "description": DESCRIPTION, "paper": PAPER, "params": dict(params),
+        "base": {"path": str(Path(base_dir).resolve())},
+        "experts": [{"path": str(Path(expert_dirs[t]).resolve()), "params": {"arrival": i}}
+                    for i, t in enumerate(tasks)],
+        "seed": seed, "merge_state_bytes": merger.state_bytes(),
+    }, dtype=dtype, started=start)
+    log(f"opcm of {len(tasks)} experts in {card['wall_time_s']:.2f}s, "
+        f"peak RSS {card['peak_rss_bytes'] / 2**20:.0f} MiB -> {out_dir}")
+    del merger
+
+    t0 = time.perf_counter()
+    orders = arrival_orders(tasks, params["orders"], seed)
+    evaluator = BatchEvaluator(Path(base_dir), Path(task_dir), batch_size=batch_size, limit=limit, seed=seed,
+                               log=log)
+    rows = continual_rows(evaluator.score(
+        continual_candidates(base, experts, orders, params["alpha"], params["baseline_lambda"])))
+    table = pd.DataFrame(rows)
+    for i, (key, value) in enumerate((labels or {}).items()):
+        table.insert(i, key, value)
+    atomic_write_text(Path(curves_csv), table.to_csv(index=False))
+    log(f"{evaluator.n_scored} intermediate merges over {len(orders)} order(s) scored in "
+        f"{time.perf_counter() - t0:.1f}s -> {curves_csv}")
+    for c in checkpoints:
+        c.close()
+    return card
+
+
+def continual_normalized(curves, expert_scores: Mapping[tuple[str, str], float]):
+    """Per (setting, base, combo, method, order, step): the mean over the tasks merged so
+    far of score / that task's expert score (tasks whose expert scores 0 are left out)."""
+    from mergescale.combos import parse_combo
+
+    df = curves.copy()
+    df["expert"] = [expert_scores.get((b, t), float("nan")) for b, t in zip(df.base, df.task)]
+    df = df[df.expert > 0]
+    df["normalized"] = df.score / df.expert
+    keys = ["setting", "base", "combo", "method", "order", "step"]
+    out = df.groupby(keys, as_index=False).agg(held_in_normalized=("normalized", "mean"),
+                                               held_in_raw=("score", "mean"), tasks=("task", "count"))
+    out["k"] = out.combo.map(lambda c: parse_combo(c)[0])
+    return out.sort_values(keys).reset_index(drop=True)

@@ -24,6 +24,11 @@ COMBOS = expert_subsets(
 )
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
+# Methods that are rules of their own (`rule:` in their entry, workflow/rules/methods/);
+# the generic merge rule leaves their outputs to them.
+RULE_METHODS = [m for m, spec in METHODS.items() if "rule" in spec]
+GENERIC_METHODS = [m for m in METHODS if m not in RULE_METHODS]
+EXTRA_FINAL_OUTPUT = []  # figures and tables that method rules add to `rule all`
 
 
 wildcard_constraints:
@@ -50,7 +55,17 @@ def get_final_output():
         "results/tables/scores.csv",
         "results/tables/summary.md",
         "results/plots/normalized_vs_k.png",
-    ]
+    ] + EXTRA_FINAL_OUTPUT
+
+
+def methods_of_rule(rule):
+    """Config names of the methods implemented by workflow/rules/methods/<rule>.smk."""
+    return [m for m in RULE_METHODS if METHODS[m]["rule"] == rule]
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly `names` (nothing when empty)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def train_files(tasks):

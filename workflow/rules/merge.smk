@@ -9,6 +9,8 @@ rule merge:
         "results/logs/merge/{base}/{method}/{combo}.log",
     benchmark:
         "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
+    wildcard_constraints:
+        method=one_of(GENERIC_METHODS),
     params:
         method=lambda wc: METHODS[wc.method]["method"],
         params=lambda wc: METHODS[wc.method].get("params", {}),

@@ -11,7 +11,7 @@ rule aggregate:
         held_in=HELD_IN,
         held_out=HELD_OUT,
         combos=COMBOS,
-        methods={name: spec["method"] for name, spec in METHODS.items()},
+        methods={name: spec.get("method", spec.get("rule")) for name, spec in METHODS.items()},
     script:
         "../scripts/aggregate.py"
 
