@@ -46,6 +46,25 @@ def _make_lm(req: EvalRequest):
     raise ValueError(f"unknown evaluation backend {req.backend!r}; use 'hf' or 'vllm'")
 
 
+def _cache_lm_eval_templates() -> None:
+    """lm-eval compiles each Jinja prompt template afresh for every document (jinja's
+    from_string does not cache): most of the time spent scoring a tiny model. Compiling
+    is pure, so compiled templates are cached per process; rendered prompts are unchanged."""
+    import functools
+
+    from lm_eval import utils
+
+    if getattr(utils.apply_template, "cached", False):
+        return
+    compile_template = functools.lru_cache(maxsize=256)(utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compile_template(template).render(**doc)
+
+    apply_template.cached = True
+    utils.apply_template = apply_template
+
+
 def _task_manager(task_dir: Path, names):
     from lm_eval.tasks import TaskManager
 
@@ -80,6 +99,7 @@ def evaluate(req: EvalRequest, log=print) -> dict:
     import lm_eval
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    _cache_lm_eval_templates()
     start = time.perf_counter()
     names = {lm_eval_task_name(t, s): (t, s) for t, s in req.tasks}
     manager = _task_manager(req.task_dir, names)
@@ -146,6 +166,7 @@ class BatchEvaluator:
     def __init__(self, reference_dir: Path, task_dir: Path, *, device: str = "cpu", batch_size: int = 64,
                  limit: int | None = None, seed: int = 0, log=print):
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        _cache_lm_eval_templates()
         start = time.perf_counter()
         self.task_dir, self.limit, self.seed, self.log = Path(task_dir), limit, seed, log
         self.lm = _make_lm(EvalRequest(model_dir=Path(reference_dir), task_dir=self.task_dir, tasks=(),
@@ -155,17 +176,31 @@ class BatchEvaluator:
         self.n_scored = 0
         log(f"loaded {reference_dir} as the batch's model in {time.perf_counter() - start:.1f}s")
 
-    def _tasks(self, names) -> "object":
+    def _tasks(self, names) -> dict:
+        """lm-eval's task dict for ``names``; each task is built (its dataset read) once."""
         if self._manager is None:
             self._manager = _task_manager(self.task_dir, names)
+            self._built = {}
         missing = sorted(set(names) - set(self._manager.all_tasks))
         if missing:
             raise FileNotFoundError(f"no lm-eval task YAML in {self.task_dir} for: {', '.join(missing)}")
-        return self._manager
+        new = sorted(set(names) - set(self._built))
+        if new:
+            self._built.update(self._manager.load(new)["tasks"])
+        for name in names:  # what simple_evaluate sets before each run
+            task = self._built[name]
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=self.seed)
+        return {"tasks": {n: self._built[n] for n in sorted(names)}, "groups": {}, "group_map": {}}
 
     def score(self, candidates: Iterable[Candidate]) -> Iterator[tuple[Candidate, dict]]:
+        import random
+
         import lm_eval
+        import numpy as np
         import torch
+        from lm_eval.evaluator import evaluate as lm_evaluate
 
         from mergescale.merged_state import load_state
 
@@ -173,7 +208,7 @@ class BatchEvaluator:
         for cand in candidates:
             t0 = time.perf_counter()
             names = {lm_eval_task_name(t, s): (t, s) for t, s in cand.tasks}
-            manager = self._tasks(names)
+            task_dict = self._tasks(names)
             state = load_state(cand.weights) if isinstance(cand.weights, (str, Path)) else cand.weights
             with torch.no_grad():
                 try:
@@ -183,11 +218,12 @@ class BatchEvaluator:
                                      f"{self.reference_dir}: {err}") from None
             del state
             self.log(f"candidate {cand.name}: {len(names)} task(s)")
-            out = lm_eval.simple_evaluate(
-                model=self.lm, tasks=sorted(names), task_manager=manager, limit=self.limit,
-                log_samples=True, random_seed=self.seed, numpy_random_seed=self.seed,
-                torch_random_seed=self.seed, fewshot_random_seed=self.seed,
-            )
+            # simple_evaluate's seeding, then its evaluation step; skipped: its per-call
+            # environment report (git, pip, torch env), which costs more than scoring here
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
+            out = lm_evaluate(lm=self.lm, task_dict=task_dict, limit=self.limit, log_samples=True)
             self.n_scored += 1
             yield cand, {
                 "model": cand.name, "backend": "hf", "scores": _score_rows(out, names, self.log),

@@ -72,6 +72,7 @@ def plot_continual(normalized: pd.DataFrame, out: Path) -> None:
         ax.axhline(1.0, color="black", lw=0.5)
         ax.set_title(f"{base}: {setting} (k={g.k.max()}, {n_curves} orders)")
         ax.set_xlabel("experts merged so far")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel("held-in so far (÷ expert)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
