@@ -104,3 +104,39 @@ def test_task_arithmetic_state_is_the_weighted_sum(tmp_path):
     b, e0, e1 = load_state(base_dir), load_state(dirs[0]), load_state(dirs[1])
     for n in b:
         torch.testing.assert_close(state[n], b[n] + 0.3 * (e0[n] - b[n]) + 0.8 * (e1[n] - b[n]))
+
+
+def _front_table(k, seed=0):
+    import pandas as pd
+
+    from mergescale.map_pareto import long_rows
+
+    rng = np.random.default_rng(seed)
+    tasks = [f"t{i}" for i in range(k)]
+    probes, front, chosen = rng.random((5, k)), rng.random((9, k)), rng.random((3, k))
+    rows = (long_rows("probe", probes, tasks, rng.random((5, k)), rng.random((5, k)))
+            + long_rows("front", front, tasks, rng.random((9, k)))
+            + long_rows("selected", chosen, tasks, np.array([[0.9] * k, [0.5] * k, [0.2] * k]),
+                        np.array([[0.8] * k, [0.6] * k, [0.1] * k])))
+    df = pd.DataFrame(rows)
+    df.insert(0, "setting", "map")
+    df.insert(1, "base", "b")
+    df.insert(2, "combo", f"k{k}s0")
+    return df
+
+
+def test_front_summary_and_figure(tmp_path):
+    import pandas as pd
+
+    from mergescale.map_pareto import front_summary
+    from mergescale.plots import plot_map_front
+
+    front = pd.concat([_front_table(2), _front_table(3, seed=1)], ignore_index=True)
+    summary = front_summary(front).set_index("combo")
+    assert summary.loc["k3s0", "k"] == 3 and summary.loc["k2s0", "probes"] == 5
+    assert summary.loc["k3s0", "best_predicted"] == pytest.approx(0.9)
+    assert summary.loc["k3s0", "best_measured"] == pytest.approx(0.8)
+    assert summary.loc["k3s0", "front_measured_spread"] == pytest.approx(0.7)
+    assert summary.loc["k3s0", "front_abs_error"] == pytest.approx((0.1 + 0.1 + 0.1) / 3)
+    plot_map_front(front, tmp_path / "map_front.png")
+    assert (tmp_path / "map_front.png").stat().st_size > 10_000 and (tmp_path / "map_front.pdf").exists()

@@ -153,3 +153,28 @@ def test_arrival_orders_are_seeded_distinct_and_start_with_the_given_order():
     assert len({tuple(o) for o in orders}) == 4 and all(sorted(o) == tasks for o in orders)
     assert orders == arrival_orders(tasks, 4, seed=0)
     assert len(arrival_orders(["a", "b"], 5, seed=0)) == 2  # only two permutations exist
+
+
+def test_continual_curves_are_normalised_by_each_tasks_expert(tmp_path):
+    import pandas as pd
+
+    from mergescale.opcm import continual_normalized
+    from mergescale.plots import plot_continual
+
+    rows = []
+    for method, scores in (("opcm", [0.8, 0.6, 0.3]), ("average", [0.8, 0.4, 0.2])):
+        rows += [
+            {"method": method, "order": 0, "step": 1, "task": "a", "score": scores[0]},
+            {"method": method, "order": 0, "step": 2, "task": "a", "score": scores[1]},
+            {"method": method, "order": 0, "step": 2, "task": "b", "score": scores[2]},
+            {"method": method, "order": 0, "step": 2, "task": "z", "score": 0.5},  # expert scores 0: left out
+        ]
+    curves = pd.DataFrame(rows).assign(setting="opcm", base="m", combo="k2s0")
+    norm = continual_normalized(curves, {("m", "a"): 0.8, ("m", "b"): 0.5, ("m", "z"): 0.0})
+    got = norm.set_index(["method", "step"]).held_in_normalized
+    assert got[("opcm", 1)] == pytest.approx(1.0)
+    assert got[("opcm", 2)] == pytest.approx((0.6 / 0.8 + 0.3 / 0.5) / 2)
+    assert got[("average", 2)] == pytest.approx((0.4 / 0.8 + 0.2 / 0.5) / 2)
+    assert set(norm.k) == {2} and set(norm.tasks) == {1, 2}
+    plot_continual(norm, tmp_path / "continual.png")
+    assert (tmp_path / "continual.png").stat().st_size > 10_000
