@@ -226,47 +226,49 @@ def run_map_job(base_dir, expert_dirs: Mapping[str, "Path"], out_dir, front_csv,
     tasks = list(expert_dirs)
     k = len(tasks)
     checkpoints = open_checkpoints(Path(base_dir), [Path(expert_dirs[t]) for t in tasks])
-    base, experts = load_base(checkpoints[0]), checkpoints[1:]
-    interactions = uses_interactions(k, params["full_quadratic_max_k"])
-    probes = latin_hypercube(n_probes(k, params), k, params["max_coefficient"], seed)
-    evaluator = BatchEvaluator(Path(base_dir), Path(task_dir), batch_size=batch_size, limit=limit, seed=seed,
-                               log=log)
-    measured = _score_matrix(evaluator.score(candidates(base, experts, tasks, probes, "probe")), tasks)
-    probe_s = time.perf_counter() - start
-    fit = MAPFit(tasks, probes, measured, interactions)
-    log(f"{len(probes)} probes scored in {probe_s:.1f}s; quadratic fit R^2 per task: "
-        + ", ".join(f"{t} {r:.3f}" for t, r in zip(tasks, fit.r2)))
-    front_c, front_y = fit.front(search_space(k, params["max_coefficient"], params["grid"], seed))
-    chosen = select_spread(front_y, params["front_points"])
-    sel_c, sel_pred = front_c[chosen], front_y[chosen]
-    sel_meas = _score_matrix(evaluator.score(candidates(base, experts, tasks, sel_c, "selected")), tasks)
-    log(f"front of {len(front_c)} points; chosen mean predicted "
-        + ", ".join(f"{p:.3f}" for p in sel_pred.mean(axis=1)) + " / measured "
-        + ", ".join(f"{m:.3f}" for m in sel_meas.mean(axis=1)))
+    try:
+        base, experts = load_base(checkpoints[0]), checkpoints[1:]
+        interactions = uses_interactions(k, params["full_quadratic_max_k"])
+        probes = latin_hypercube(n_probes(k, params), k, params["max_coefficient"], seed)
+        evaluator = BatchEvaluator(Path(base_dir), Path(task_dir), batch_size=batch_size, limit=limit, seed=seed,
+                                   log=log)
+        measured = _score_matrix(evaluator.score(candidates(base, experts, tasks, probes, "probe")), tasks)
+        probe_s = time.perf_counter() - start
+        fit = MAPFit(tasks, probes, measured, interactions)
+        log(f"{len(probes)} probes scored in {probe_s:.1f}s; quadratic fit R^2 per task: "
+            + ", ".join(f"{t} {r:.3f}" for t, r in zip(tasks, fit.r2)))
+        front_c, front_y = fit.front(search_space(k, params["max_coefficient"], params["grid"], seed))
+        chosen = select_spread(front_y, params["front_points"])
+        sel_c, sel_pred = front_c[chosen], front_y[chosen]
+        sel_meas = _score_matrix(evaluator.score(candidates(base, experts, tasks, sel_c, "selected")), tasks)
+        log(f"front of {len(front_c)} points; chosen mean predicted "
+            + ", ".join(f"{p:.3f}" for p in sel_pred.mean(axis=1)) + " / measured "
+            + ", ".join(f"{m:.3f}" for m in sel_meas.mean(axis=1)))
 
-    rows = (long_rows("probe", probes, tasks, fit.predict(probes), measured)
-            + long_rows("front", front_c, tasks, front_y)
-            + long_rows("selected", sel_c, tasks, sel_pred, sel_meas))
-    table = pd.DataFrame(rows)
-    for i, (key, value) in enumerate((labels or {}).items()):
-        table.insert(i, key, value)
-    atomic_write_text(Path(front_csv), table.to_csv(index=False))
+        rows = (long_rows("probe", probes, tasks, fit.predict(probes), measured)
+                + long_rows("front", front_c, tasks, front_y)
+                + long_rows("selected", sel_c, tasks, sel_pred, sel_meas))
+        table = pd.DataFrame(rows)
+        for i, (key, value) in enumerate((labels or {}).items()):
+            table.insert(i, key, value)
+        atomic_write_text(Path(front_csv), table.to_csv(index=False))
 
-    best = sel_c[0]  # select_spread puts the best predicted mean first
-    card = write_merged_checkpoint(task_arithmetic_state(base, experts, best), Path(base_dir), Path(out_dir), {
-        "method": "map", "description": DESCRIPTION, "paper": PAPER, "params": dict(params),
-        "base": {"path": str(Path(base_dir).resolve())},
-        "experts": [{"path": str(Path(expert_dirs[t]).resolve()), "params": {"weight": float(c)}}
-                    for t, c in zip(tasks, best)],
-        "seed": seed, "probes": len(probes), "quadratic_terms": int(len(fit.coef[0])),
-        "fit_r2": dict(zip(tasks, fit.r2)), "front_size": int(len(front_c)),
-        "predicted_validation": dict(zip(tasks, map(float, sel_pred[0]))),
-        "measured_validation": dict(zip(tasks, map(float, sel_meas[0]))),
-        "probe_evaluation_s": round(probe_s, 2), "models_scored": evaluator.n_scored,
-    }, dtype=dtype, started=start)
-    log(f"map in {card['wall_time_s']:.1f}s (probes and front points scored included) -> {out_dir}")
-    for c in checkpoints:
-        c.close()
+        best = sel_c[0]  # select_spread puts the best predicted mean first
+        card = write_merged_checkpoint(task_arithmetic_state(base, experts, best), Path(base_dir), Path(out_dir), {
+            "method": "map", "description": DESCRIPTION, "paper": PAPER, "params": dict(params),
+            "base": {"path": str(Path(base_dir).resolve())},
+            "experts": [{"path": str(Path(expert_dirs[t]).resolve()), "params": {"weight": float(c)}}
+                        for t, c in zip(tasks, best)],
+            "seed": seed, "probes": len(probes), "quadratic_terms": int(len(fit.coef[0])),
+            "fit_r2": dict(zip(tasks, fit.r2)), "front_size": int(len(front_c)),
+            "predicted_validation": dict(zip(tasks, map(float, sel_pred[0]))),
+            "measured_validation": dict(zip(tasks, map(float, sel_meas[0]))),
+            "probe_evaluation_s": round(probe_s, 2), "models_scored": evaluator.n_scored,
+        }, dtype=dtype, started=start)
+        log(f"map in {card['wall_time_s']:.1f}s (probes and front points scored included) -> {out_dir}")
+    finally:
+        for c in checkpoints:
+            c.close()
     return card
 
 

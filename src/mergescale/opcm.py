@@ -230,34 +230,36 @@ def run_opcm_job(base_dir, expert_dirs: Mapping[str, "Path"], out_dir, curves_cs
     start = time.perf_counter()
     tasks = list(expert_dirs)
     checkpoints = open_checkpoints(Path(base_dir), [Path(expert_dirs[t]) for t in tasks])
-    experts = dict(zip(tasks, checkpoints[1:]))
-    base = load_base(checkpoints[0])
-    merger = merge_in_order(base, experts, tasks, params["alpha"])
-    card = write_merged_checkpoint(merger.state_dict(), Path(base_dir), Path(out_dir), {
-        "method": "opcm", "description": DESCRIPTION, "paper": PAPER, "params": dict(params),
-        "base": {"path": str(Path(base_dir).resolve())},
-        "experts": [{"path": str(Path(expert_dirs[t]).resolve()), "params": {"arrival": i}}
-                    for i, t in enumerate(tasks)],
-        "seed": seed, "merge_state_bytes": merger.state_bytes(),
-    }, dtype=dtype, started=start)
-    log(f"opcm of {len(tasks)} experts in {card['wall_time_s']:.2f}s, "
-        f"peak RSS {card['peak_rss_bytes'] / 2**20:.0f} MiB -> {out_dir}")
-    del merger
+    try:
+        experts = dict(zip(tasks, checkpoints[1:]))
+        base = load_base(checkpoints[0])
+        merger = merge_in_order(base, experts, tasks, params["alpha"])
+        card = write_merged_checkpoint(merger.state_dict(), Path(base_dir), Path(out_dir), {
+            "method": "opcm", "description": DESCRIPTION, "paper": PAPER, "params": dict(params),
+            "base": {"path": str(Path(base_dir).resolve())},
+            "experts": [{"path": str(Path(expert_dirs[t]).resolve()), "params": {"arrival": i}}
+                        for i, t in enumerate(tasks)],
+            "seed": seed, "merge_state_bytes": merger.state_bytes(),
+        }, dtype=dtype, started=start)
+        log(f"opcm of {len(tasks)} experts in {card['wall_time_s']:.2f}s, "
+            f"peak RSS {card['peak_rss_bytes'] / 2**20:.0f} MiB -> {out_dir}")
+        del merger
 
-    t0 = time.perf_counter()
-    orders = arrival_orders(tasks, params["orders"], seed)
-    evaluator = BatchEvaluator(Path(base_dir), Path(task_dir), batch_size=batch_size, limit=limit, seed=seed,
-                               log=log)
-    rows = continual_rows(evaluator.score(
-        continual_candidates(base, experts, orders, params["alpha"], params["baseline_lambda"])))
-    table = pd.DataFrame(rows)
-    for i, (key, value) in enumerate((labels or {}).items()):
-        table.insert(i, key, value)
-    atomic_write_text(Path(curves_csv), table.to_csv(index=False))
-    log(f"{evaluator.n_scored} intermediate merges over {len(orders)} order(s) scored in "
-        f"{time.perf_counter() - t0:.1f}s -> {curves_csv}")
-    for c in checkpoints:
-        c.close()
+        t0 = time.perf_counter()
+        orders = arrival_orders(tasks, params["orders"], seed)
+        evaluator = BatchEvaluator(Path(base_dir), Path(task_dir), batch_size=batch_size, limit=limit, seed=seed,
+                                   log=log)
+        rows = continual_rows(evaluator.score(
+            continual_candidates(base, experts, orders, params["alpha"], params["baseline_lambda"])))
+        table = pd.DataFrame(rows)
+        for i, (key, value) in enumerate((labels or {}).items()):
+            table.insert(i, key, value)
+        atomic_write_text(Path(curves_csv), table.to_csv(index=False))
+        log(f"{evaluator.n_scored} intermediate merges over {len(orders)} order(s) scored in "
+            f"{time.perf_counter() - t0:.1f}s -> {curves_csv}")
+    finally:
+        for c in checkpoints:
+            c.close()
     return card
 
 
