@@ -60,7 +60,14 @@ def check_semantics(config: dict) -> None:
         extra_ks = sorted(set(spec.get("ks", [])) - set(config["merge"]["ks"]))
         if extra_ks:
             raise ConfigError(f"config key {where}.ks: {extra_ks} not in merge.ks {config['merge']['ks']}")
-        if "rule" in spec:  # a rule-method checks its own params when its rule file is read
+        if "rule" in spec:  # a method that is a workflow rule of its own
+            from mergescale.rule_methods import check_rule_exists, resolve_params
+
+            try:
+                check_rule_exists(spec["rule"])
+                resolve_params(spec["rule"], spec.get("params"), where="params.")
+            except (ValueError, MergeInputError) as err:
+                raise ConfigError(f"config key {where}: {err.args[0]}") from None
             continue
         try:
             method = get_method(spec["method"])

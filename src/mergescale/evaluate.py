@@ -15,6 +15,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+
+if TYPE_CHECKING:
+    import torch
 
 from mergescale.remote_code import check_no_remote_code
 from mergescale.tasks.lmeval_yaml import lm_eval_task_name
@@ -121,37 +125,47 @@ def lm_eval_score(task: str, spec: dict, out: dict) -> dict:
     }
 
 
-def evaluate(req: EvalRequest, log=print) -> dict:
-    """Run lm-eval on ``req.tasks`` and return tidy scores with per-example correctness."""
+def _cache_lm_eval_templates() -> None:
+    """lm-eval compiles each Jinja prompt template afresh for every document (jinja's
+    from_string does not cache): most of the time spent scoring a tiny model. Compiling
+    is pure, so compiled templates are cached per process; rendered prompts are unchanged."""
+    import functools
+
+    from lm_eval import utils
+
+    if getattr(utils.apply_template, "cached", False):
+        return
+    compile_template = functools.lru_cache(maxsize=256)(utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compile_template(template).render(**doc)
+
+    apply_template.cached = True
+    utils.apply_template = apply_template
+
+
+def _task_manager(task_dir: Path | None, names, public: list[str] = ()):
+    """lm-eval's task index: our rendered YAMLs, plus lm-eval's own tasks only when public
+    ones are asked for (indexing them takes ~15 s of CPU)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    check_backend(req.backend)
-    start = time.perf_counter()
-    names = {lm_eval_task_name(t, s): (t, s) for t, s in req.tasks}
-    public = sorted({n for spec in req.lm_eval_tasks.values() for n in spec["metrics"]})
-    include = str(req.task_dir) if req.task_dir else None
+    include = str(task_dir) if task_dir else None
     manager = TaskManager(include_path=include, include_defaults=False)
     if set(public) - set(manager.all_tasks):
-        # Indexing lm-eval's own tasks takes ~15 s of CPU: only when they are asked for.
         manager = TaskManager(include_path=include, include_defaults=True)
     missing = sorted(set(names) - set(manager.all_tasks))
     if missing:
-        raise FileNotFoundError(f"no lm-eval task YAML in {req.task_dir} for: {', '.join(missing)}")
+        raise FileNotFoundError(f"no lm-eval task YAML in {task_dir} for: {', '.join(missing)}")
     unknown = sorted(set(public) - set(manager.all_tasks))
     if unknown:
         raise KeyError(f"config key tasks.lm_eval: lm-eval {lm_eval.__version__} has no task or "
                        f"group {', '.join(unknown)}")
-    lm = _make_lm(req)
-    loaded = time.perf_counter()
-    log(f"loaded {req.model_dir} in {loaded - start:.1f}s; scoring {len(names) + len(public)} task(s)")
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=sorted(names) + public, task_manager=manager, limit=req.limit,
-        log_samples=True, random_seed=req.seed, numpy_random_seed=req.seed,
-        torch_random_seed=req.seed, fewshot_random_seed=req.seed,
-        confirm_run_unsafe_code=any(s.get("unsafe_code") for s in req.lm_eval_tasks.values()),
-    )
+    return manager
+
+
+def _score_rows(out: dict, names: dict[str, tuple[str, str]], log) -> list[dict]:
+    """Tidy per-task rows (with per-example correctness) from simple_evaluate's output."""
     key = f"{METRIC},{FILTER}"
     rows = []
     for name, (task, split) in sorted(names.items()):
@@ -166,6 +180,30 @@ def evaluate(req: EvalRequest, log=print) -> dict:
             "n": len(correct), "correct": correct,
         })
         log(f"  {task:16s} {split:10s} {METRIC} {res[key]:.3f}  (n={len(correct)})")
+    return rows
+
+
+def evaluate(req: EvalRequest, log=print) -> dict:
+    """Run lm-eval on ``req.tasks`` and return tidy scores with per-example correctness."""
+    import lm_eval
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    _cache_lm_eval_templates()
+    check_backend(req.backend)
+    start = time.perf_counter()
+    names = {lm_eval_task_name(t, s): (t, s) for t, s in req.tasks}
+    public = sorted({n for spec in req.lm_eval_tasks.values() for n in spec["metrics"]})
+    manager = _task_manager(req.task_dir, names, public)
+    lm = _make_lm(req)
+    loaded = time.perf_counter()
+    log(f"loaded {req.model_dir} in {loaded - start:.1f}s; scoring {len(names) + len(public)} task(s)")
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=sorted(names) + public, task_manager=manager, limit=req.limit,
+        log_samples=True, random_seed=req.seed, numpy_random_seed=req.seed,
+        torch_random_seed=req.seed, fewshot_random_seed=req.seed,
+        confirm_run_unsafe_code=any(s.get("unsafe_code") for s in req.lm_eval_tasks.values()),
+    )
+    rows = _score_rows(out, names, log)
     for task, spec in sorted(req.lm_eval_tasks.items()):
         rows.append(lm_eval_score(task, spec, out))
         log(f"  {task:16s} {rows[-1]['metric']} {rows[-1]['value']:.3f}  (n={rows[-1]['n']})")
@@ -193,3 +231,103 @@ def evaluate_and_save(req: EvalRequest, out: Path, log=print) -> dict:
             result["model_card"] = json.loads(card.read_text())
     atomic_write_json(out, result)
     return result
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model of a batch: its weights and the (task, split) pairs it is scored on.
+
+    weights: a checkpoint directory, or a state dict (name -> tensor) of the batch's
+    architecture, e.g. an intermediate merge that is never written to disk.
+    """
+
+    name: str
+    weights: Path | Mapping[str, "torch.Tensor"]
+    tasks: tuple[tuple[str, str], ...]
+    meta: Mapping = field(default_factory=dict)  # caller's labels, carried along
+
+
+class BatchEvaluator:
+    """Scores many models of one architecture in this process: lm-eval, the task index
+    and the model are set up once, and each candidate's weights are swapped into the
+    model (no lm-eval start-up per candidate).
+
+    ``reference_dir`` gives the architecture and tokenizer (any model of the batch).
+    score() consumes candidates lazily (a generator can build each merge just before it
+    is scored) and yields them back with a result shaped like evaluate()'s; scores equal
+    those of evaluate() on the same weights (same lm-eval call, same seeds). HF backend.
+    """
+
+    def __init__(self, reference_dir: Path, task_dir: Path, *, device: str = "cpu", batch_size: int = 64,
+                 limit: int | None = None, seed: int = 0, log=print):
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        _cache_lm_eval_templates()
+        start = time.perf_counter()
+        self.task_dir, self.limit, self.seed, self.log = Path(task_dir), limit, seed, log
+        self.lm = _make_lm(EvalRequest(model_dir=Path(reference_dir), task_dir=self.task_dir, tasks=(),
+                                       device=device, batch_size=batch_size, limit=limit, seed=seed))
+        self.reference_dir = reference_dir
+        self._manager = None
+        self.n_scored = 0
+        log(f"loaded {reference_dir} as the batch's model in {time.perf_counter() - start:.1f}s")
+
+    def _tasks(self, names) -> dict:
+        """lm-eval's task dict for ``names``; each task is built (its dataset read) once."""
+        if self._manager is None:
+            self._manager = _task_manager(self.task_dir, names)
+            self._built = {}
+        missing = sorted(set(names) - set(self._manager.all_tasks))
+        if missing:
+            raise FileNotFoundError(f"no lm-eval task YAML in {self.task_dir} for: {', '.join(missing)}")
+        new = sorted(set(names) - set(self._built))
+        if new:
+            self._built.update(self._manager.load(new)["tasks"])
+        for name in names:  # what simple_evaluate sets before each run
+            task = self._built[name]
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=self.seed)
+        return {"tasks": {n: self._built[n] for n in sorted(names)}, "groups": {}, "group_map": {}}
+
+    def score(self, candidates: Iterable[Candidate]) -> Iterator[tuple[Candidate, dict]]:
+        import random
+
+        import lm_eval
+        import numpy as np
+        import torch
+        from lm_eval.evaluator import evaluate as lm_evaluate
+
+        from mergescale.merged_state import load_state
+
+        model = self.lm._model
+        for cand in candidates:
+            t0 = time.perf_counter()
+            names = {lm_eval_task_name(t, s): (t, s) for t, s in cand.tasks}
+            task_dict = self._tasks(names)
+            state = load_state(cand.weights) if isinstance(cand.weights, (str, Path)) else cand.weights
+            with torch.no_grad():
+                try:
+                    model.load_state_dict(dict(state), strict=True)
+                except RuntimeError as err:
+                    raise ValueError(f"candidate {cand.name}: weights do not fit the model of "
+                                     f"{self.reference_dir}: {err}") from None
+            del state
+            self.log(f"candidate {cand.name}: {len(names)} task(s)")
+            # simple_evaluate's seeding, then its evaluation step; skipped: its per-call
+            # environment report (git, pip, torch env), which costs more than scoring here
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
+            out = lm_evaluate(lm=self.lm, task_dict=task_dict, limit=self.limit, log_samples=True)
+            self.n_scored += 1
+            yield cand, {
+                "model": cand.name, "backend": "hf", "scores": _score_rows(out, names, self.log),
+                "lm_eval_version": lm_eval.__version__,
+                "seconds": {"total": round(time.perf_counter() - t0, 2)},
+            }
+
+
+def evaluate_candidates(reference_dir: Path, candidates: Iterable[Candidate], task_dir: Path,
+                        **kwargs) -> Iterator[tuple[Candidate, dict]]:
+    """BatchEvaluator(reference_dir, task_dir, **kwargs).score(candidates)."""
+    return BatchEvaluator(reference_dir, task_dir, **kwargs).score(candidates)

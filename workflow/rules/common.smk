@@ -63,6 +63,8 @@ FETCHED_EXPERT_BASES = bases_with_fetched_experts(config)
 INSTRUCT_TASKS = instruct_tasks(HELD_OUT) if INSTRUCT_BASES else []
 DATA_TASKS = PROCEDURAL_TASKS + [t for t in INSTRUCT_TASKS if t not in PROCEDURAL_TASKS]
 
+# Extra figures and tables that method rules add to `rule all`.
+EXTRA_FINAL_OUTPUT = []
 
 
 wildcard_constraints:
@@ -100,7 +102,7 @@ def get_final_output():
         "results/findings.md",
         *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
         "results/plots/base_quality.png",
-    ] + (CROSS_SEED.final_outputs() if CROSS_SEED else [])
+    ] + (CROSS_SEED.final_outputs() if CROSS_SEED else []) + EXTRA_FINAL_OUTPUT
 
 
 def train_files(tasks):
@@ -118,6 +120,11 @@ def get_expert_dirs(wildcards):
     return [f"results/experts/{wildcards.base}/{t}" for t in COMBOS[wildcards.combo]]
 
 
+def methods_of_rule(rule):
+    """Config names of the methods implemented by workflow/rules/methods/<rule>.smk."""
+    return [m for m in RULE_METHODS if METHODS[m]["rule"] == rule]
+
+
 def engine_methods():
     """{method} wildcard of the generic merge rule: every method that is not a rule-method."""
     return one_of([m for m in METHODS if m not in RULE_METHODS])
@@ -125,7 +132,7 @@ def engine_methods():
 
 def methods_using(rule_name):
     """{method} wildcard of a rule-method's rule: the config names with `rule: <rule_name>`."""
-    return one_of([m for m in RULE_METHODS if METHODS[m]["rule"] == rule_name])
+    return one_of(methods_of_rule(rule_name))
 
 
 def method_params(wildcards):

@@ -1,0 +1,62 @@
+"""Batched evaluation: several models scored in one lm-eval session give exactly the
+scores that one evaluate() per model gives."""
+
+import pytest
+import torch
+
+from mergescale.evaluate import BatchEvaluator, Candidate, EvalRequest, evaluate
+from mergescale.merged_state import load_state
+from mergescale.stages import finetune, pretrain_base
+from mergescale.tasks import make_splits, write_jsonl
+from mergescale.tasks.lmeval_yaml import write_task_yaml
+
+SHAPE = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+TASKS = ("first_letter", "last_letter")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batched")
+    data = {}
+    for task in TASKS:
+        splits = make_splits(task, {"train": 300, "validation": 20, "test": 20})
+        for split, rows in splits.items():
+            write_jsonl(rows, root / "data" / task / f"{split}.jsonl")
+        write_task_yaml(task, "test", root / "data" / task / "test.jsonl", root / "tasks" / f"{task}_test.yaml")
+        data[task] = root / "data" / task / "train.jsonl"
+    torch.set_num_threads(1)
+    quiet = dict(log=lambda m: None)
+    pretrain_base(SHAPE, {"steps": 20, "batch_size": 16}, data, root / "base", **quiet)
+    finetune(root / "base", {"steps": 80, "batch_size": 32, "lr": 5e-3}, {"first_letter": data["first_letter"]},
+             root / "expert", stage="finetune_expert", **quiet)
+    return root
+
+
+def test_batch_scores_equal_one_evaluation_per_model(models):
+    tasks = tuple((t, "test") for t in TASKS)
+    separate = {name: evaluate(EvalRequest(model_dir=models / name, task_dir=models / "tasks", tasks=tasks),
+                               log=lambda m: None)
+                for name in ("expert", "base")}
+    evaluator = BatchEvaluator(models / "base", models / "tasks", log=lambda m: None)
+    batch = [  # a directory, then an in-memory state dict, then one task only
+        Candidate("expert-dir", models / "expert", tasks),
+        Candidate("base-state", load_state(models / "base"), tasks),
+        Candidate("expert-one-task", load_state(models / "expert"), tasks[:1]),
+    ]
+    results = {c.name: r for c, r in evaluator.score(batch)}
+    assert evaluator.n_scored == 3
+    for cand, name in (("expert-dir", "expert"), ("base-state", "base")):
+        got = [(s["task"], s["correct"]) for s in results[cand]["scores"]]
+        assert got == [(s["task"], s["correct"]) for s in separate[name]["scores"]]
+    assert results["expert-one-task"]["scores"] == separate["expert"]["scores"][:1]
+    # the expert learnt its task: the comparison is not between two all-zero vectors
+    assert separate["expert"]["scores"][0]["value"] > separate["base"]["scores"][0]["value"]
+
+
+def test_a_candidate_of_another_shape_is_named(models, tmp_path):
+    state = load_state(models / "base")
+    name = next(n for n, t in state.items() if t.ndim == 2)
+    state[name] = torch.zeros(3, 3)
+    evaluator = BatchEvaluator(models / "base", models / "tasks", log=lambda m: None)
+    with pytest.raises(ValueError, match="candidate odd: weights do not fit"):
+        list(evaluator.score([Candidate("odd", state, (("first_letter", "test"),))]))

@@ -1,0 +1,57 @@
+# MAP amortised Pareto fronts (src/mergescale/map_pareto.py): probe task-arithmetic
+# merges on validation, fit quadratics, pick front points. Writes the merge contract
+# (the front point with the best predicted mean) and every point of the front.
+MAP_METHODS = methods_of_rule("map")
+if MAP_METHODS:
+    EXTRA_FINAL_OUTPUT.extend(["results/tables/map.md", "results/plots/map_front.png"])
+
+
+rule merge_map:
+    input:
+        base="results/bases/{base}",
+        experts=get_expert_dirs,
+        tasks=lambda wc: [f"results/tasks/{t}_validation.yaml" for t in COMBOS[wc.combo]],
+        code=str(Path(workflow.basedir).parent / "src" / "mergescale" / "map_pareto.py"),
+    output:
+        model=merge_output("results/merged/{base}/{method}/{combo}"),
+        front="results/pareto/{base}/{combo}/{method}.csv",
+    log:
+        "results/logs/merge/{base}/{method}/{combo}.log",
+    benchmark:
+        "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
+    wildcard_constraints:
+        method=one_of(MAP_METHODS),
+    params:
+        tasks=lambda wc: COMBOS[wc.combo],
+        params=lambda wc: METHODS[wc.method].get("params", {}),
+        dtype=config["merge"]["dtype"],
+        seed=config["seed"],
+        batch_size=config["evaluate"]["batch_size"],
+        limit=config["evaluate"]["limit"],
+    threads: 1
+    resources:
+        mem_mb=3000,
+    script:
+        "../../scripts/map_pareto.py"
+
+
+localrules:
+    report_map,
+
+
+rule report_map:
+    input:
+        fronts=expand(
+            "results/pareto/{base}/{combo}/{method}.csv",
+            base=BASES,
+            combo=COMBOS,
+            method=MAP_METHODS,
+        ),
+    output:
+        table=report("results/tables/map.md", caption="../../report/map.rst", category="Tables"),
+        csv="results/tables/map.csv",
+        plot=report("results/plots/map_front.png", caption="../../report/map.rst", category="Figures"),
+    log:
+        "results/logs/report_map.log",
+    script:
+        "../../scripts/report_map.py"
