@@ -65,6 +65,9 @@ def check_semantics(config: dict) -> None:
 
             try:
                 check_rule_exists(spec["rule"])
+            except ValueError as err:
+                raise ConfigError(f"config key {where}.rule: no rule {spec['rule']!r}: {err}") from None
+            try:
                 resolve_params(spec["rule"], spec.get("params"), where="params.")
             except (ValueError, MergeInputError) as err:
                 raise ConfigError(f"config key {where}: {err.args[0]}") from None

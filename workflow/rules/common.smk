@@ -139,17 +139,6 @@ def method_params(wildcards):
     return METHODS[wildcards.method].get("params", {})
 
 
-def check_rule_methods():
-    """Called once every rule file is included: each `rule:` in the config names a rule."""
-    for name in RULE_METHODS:
-        wanted = METHODS[name]["rule"]
-        if not workflow.is_rule(wanted):
-            raise ValueError(
-                f"config key merge.methods.{name}.rule: no rule {wanted!r}; "
-                f"add workflow/rules/methods/{wanted}.smk (see README, 'Adding a merge method')"
-            )
-
-
 def get_method_source(wildcards):
     # The file that implements the method: editing it re-runs only its merges.
     return get_method(METHODS[wildcards.method]["method"]).source_file

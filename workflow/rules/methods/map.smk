@@ -41,12 +41,12 @@ localrules:
 
 rule report_map:
     input:
-        fronts=expand(
-            "results/pareto/{base}/{combo}/{method}.csv",
-            base=BASES,
-            combo=COMBOS,
-            method=MAP_METHODS,
-        ),
+        fronts=[
+            f"results/pareto/{base}/{combo}/{method}.csv"
+            for base in GRID_BASES
+            for method in MAP_METHODS
+            for combo in method_combos(method)
+        ],
     output:
         table=report("results/tables/map.md", caption="../../report/map.rst", category="Tables"),
         csv="results/tables/map.csv",

@@ -41,13 +41,13 @@ localrules:
 
 rule plot_continual:
     input:
-        curves=expand(
-            "results/continual/{base}/{combo}/{method}.csv",
-            base=BASES,
-            combo=COMBOS,
-            method=OPCM_METHODS,
-        ),
-        experts=expand("results/evals/experts/{base}/{task}/scores.json", base=BASES, task=HELD_IN),
+        curves=[
+            f"results/continual/{base}/{combo}/{method}.csv"
+            for base in GRID_BASES
+            for method in OPCM_METHODS
+            for combo in method_combos(method)
+        ],
+        experts=expand("results/evals/experts/{base}/{task}/scores.json", base=GRID_BASES, task=HELD_IN),
     output:
         report(
             "results/plots/continual.png",
