@@ -61,6 +61,13 @@ def check_semantics(config: dict) -> None:
                     f"config key bases.{base}.shape: hidden_size must be divisible by "
                     f"num_attention_heads"
                 )
+        if spec["source"] == "gguf" and "gguf" not in spec:
+            raise ConfigError(f"config key bases.{base}.gguf: required for source gguf")
+        if spec["source"] == "pretrain" and spec.get("chat_template"):
+            raise ConfigError(f"config key bases.{base}.chat_template: a pretrained character-level "
+                              f"base has no chat template")
+        if "lora" in spec.get("pretrain", {}):
+            raise ConfigError(f"config key bases.{base}.pretrain.lora: LoRA is for fine-tuning only")
     for name, spec in config["merge"]["methods"].items():
         where = f"merge.methods.{name}"
         try:

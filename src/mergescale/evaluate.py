@@ -26,18 +26,24 @@ class EvalRequest:
     task_dir: Path  # directory of rendered task YAMLs
     tasks: tuple[tuple[str, str], ...]  # (task, split) pairs
     backend: str = "hf"  # "hf" or "vllm"
-    device: str = "cpu"
+    device: str | None = None  # None: CUDA when present, else CPU
     batch_size: int = 64
     limit: int | None = None  # examples per task; None = the whole split
     seed: int = 0
+    # Chat models: prompts go through the tokenizer's chat template (as in training);
+    # generation stops at "\n" (the task's `until`) or at the end-of-turn token, which
+    # lm-eval's HF backend adds to `until` as the tokenizer's EOS.
+    apply_chat_template: bool = False
 
 
 def _make_lm(req: EvalRequest):
     if req.backend == "hf":
+        import torch
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=str(req.model_dir), device=req.device,
-                    batch_size=req.batch_size, dtype="float32")
+        device = req.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return HFLM(pretrained=str(req.model_dir), device=device, batch_size=req.batch_size,
+                    dtype="bfloat16" if device.startswith("cuda") else "float32")
     if req.backend == "vllm":
         from lm_eval.models.vllm_causallms import VLLM
 
@@ -64,6 +70,7 @@ def evaluate(req: EvalRequest, log=print) -> dict:
         model=lm, tasks=sorted(names), task_manager=manager, limit=req.limit,
         log_samples=True, random_seed=req.seed, numpy_random_seed=req.seed,
         torch_random_seed=req.seed, fewshot_random_seed=req.seed,
+        apply_chat_template=req.apply_chat_template,
     )
     key = f"{METRIC},{FILTER}"
     rows = []

@@ -7,6 +7,8 @@ rule pretrain_base:
         "results/logs/pretrain_base/{base}.log",
     benchmark:
         "results/benchmarks/pretrain_base/{base}.tsv"
+    wildcard_constraints:
+        base=name_regex(bases_with_source("pretrain")),
     params:
         shape=lambda wc: config["bases"][wc.base]["shape"],
         train=lambda wc: config["bases"][wc.base]["pretrain"],

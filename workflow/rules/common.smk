@@ -53,6 +53,19 @@ def get_final_output():
     ]
 
 
+def bases_with_source(source):
+    return [b for b, spec in config["bases"].items() if spec["source"] == source]
+
+
+def name_regex(names):
+    # A rule whose wildcard may match no configured name matches nothing.
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def uses_chat_template(base):
+    return config["bases"][base].get("chat_template", False)
+
+
 def train_files(tasks):
     return {t: f"results/data/{t}/train.jsonl" for t in tasks}
 

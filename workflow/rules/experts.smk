@@ -11,6 +11,7 @@ rule finetune_expert:
     params:
         train=lambda wc: {"seed": config["seed"], **config["finetune"]["expert"]},
         stage="finetune_expert",
+        chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1
     resources:
         mem_mb=2000,
@@ -31,6 +32,7 @@ rule finetune_multitask:
     params:
         train=lambda wc: {"seed": config["seed"], **config["finetune"]["multitask"]},
         stage="finetune_multitask",
+        chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1
     resources:
         mem_mb=2000,

@@ -14,5 +14,6 @@ with log_to(snakemake.log[0]) as log:
         batch_size=p.batch_size,
         limit=p.limit,
         seed=p.seed,
+        apply_chat_template=p.chat_template,
     )
     evaluate_and_save(request, Path(snakemake.output[0]), log=log)
