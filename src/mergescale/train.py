@@ -29,6 +29,7 @@ class TrainConfig:
     seed: int = 0
     loss_on: str = "answer"  # "answer": fine-tuning; "all": pretraining on whole texts
     log_every: int = 25
+    chat_template: bool = False  # format examples with the tokenizer's chat template
 
     def __post_init__(self):
         if self.loss_on not in ("answer", "all"):
@@ -37,12 +38,39 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be positive")
 
 
-def encode(tokenizer, rows: list[dict], loss_on: str) -> list[tuple[list[int], list[int]]]:
+def chat_texts(tokenizer, prompt: str, answer: str) -> tuple[str, str]:
+    """(context, completion) of one example rendered by the tokenizer's chat template.
+
+    The context is what lm-eval feeds the model with ``apply_chat_template`` (the user turn
+    plus the assistant header); the completion is the answer and the end-of-turn text.
+    """
+    if not tokenizer.chat_template:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
+    user = [{"role": "user", "content": prompt}]
+    context = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        user + [{"role": "assistant", "content": answer}], tokenize=False
+    )
+    if not full.startswith(context):
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r}: the chat template renders a conversation "
+            f"that does not start with its own generation prompt; cannot split off the answer"
+        )
+    return context, full[len(context):]
+
+
+def encode(tokenizer, rows: list[dict], loss_on: str,
+           chat_template: bool = False) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels per example; labels hide the prompt when loss_on='answer'."""
     out = []
     for row in rows:
-        prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(row["answer"] + "\n", add_special_tokens=False)["input_ids"]
+        if chat_template:
+            context, completion = chat_texts(tokenizer, row["prompt"], row["answer"])
+        else:
+            context, completion = row["prompt"], row["answer"] + "\n"
+        # Context and completion are tokenised apart, as lm-eval tokenises the context.
+        prompt_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         ids = prompt_ids + answer_ids
         if loss_on == "answer":
             labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
@@ -82,12 +110,15 @@ def train(
     if not rows_by_task or any(not rows for rows in rows_by_task.values()):
         empty = [t for t, rows in rows_by_task.items() if not rows]
         raise ValueError(f"no training examples for task(s): {empty or 'none given'}")
-    encoded = {task: encode(tokenizer, rows, cfg.loss_on) for task, rows in rows_by_task.items()}
+    encoded = {task: encode(tokenizer, rows, cfg.loss_on, cfg.chat_template)
+               for task, rows in rows_by_task.items()}
     tasks = sorted(encoded)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)
     )
     model.train()
     start = time.perf_counter()
@@ -99,15 +130,16 @@ def train(
         for t in task_idx:
             pool = encoded[tasks[t]]
             batch.append(pool[torch.randint(len(pool), (1,), generator=gen).item()])
-        inputs = collate(batch, tokenizer.pad_token_id)
+        inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = model(**inputs).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**inputs).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training diverged at step {step + 1}: loss is {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         recent.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

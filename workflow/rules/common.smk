@@ -105,6 +105,14 @@ def get_final_output():
     ] + (CROSS_SEED.final_outputs() if CROSS_SEED else []) + EXTRA_FINAL_OUTPUT
 
 
+def bases_with_source(source):
+    return [b for b, spec in config["bases"].items() if spec["source"] == source]
+
+
+def uses_chat_template(base):
+    return config["bases"][base].get("chat_template", False)
+
+
 def train_files(tasks):
     return {t: f"results/data/{t}/train.jsonl" for t in tasks}
 

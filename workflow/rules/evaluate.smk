@@ -17,6 +17,7 @@ rule evaluate:
         batch_size=config["evaluate"]["batch_size"],
         limit=config["evaluate"]["limit"],
         seed=config["seed"],
+        chat_template=lambda wc: uses_chat_template(wc.model.split("/")[1]),
     threads: 1
     resources:
         mem_mb=3000,

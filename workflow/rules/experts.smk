@@ -13,6 +13,7 @@ rule finetune_expert:
     params:
         train=lambda wc: {"seed": config["seed"], **config["finetune"]["expert"]},
         stage="finetune_expert",
+        chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1
     resources:
         mem_mb=2000,
@@ -33,6 +34,7 @@ rule finetune_multitask:
     params:
         train=lambda wc: multitask_train_config(wc.combo),
         stage="finetune_multitask",
+        chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1
     resources:
         mem_mb=2000,

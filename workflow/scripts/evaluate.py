@@ -15,5 +15,6 @@ with log_to(snakemake.log[0]) as log:
         limit=p.limit,
         seed=p.seed,
         lm_eval_tasks=dict(p.lm_eval_tasks),
+        apply_chat_template=p.chat_template,
     )
     evaluate_and_save(request, Path(snakemake.output[0]), log=log)

@@ -7,4 +7,5 @@ with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
     data = {k: Path(v) for k, v in snakemake.input.items() if k != "base"}
     finetune(Path(snakemake.input.base), dict(snakemake.params.train), data,
-             Path(snakemake.output[0]), stage=snakemake.params.stage, log=log)
+             Path(snakemake.output[0]), stage=snakemake.params.stage, log=log,
+             chat_template=snakemake.params.chat_template)
