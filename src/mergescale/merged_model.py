@@ -3,8 +3,6 @@ their own): the checkpoint, then the merge card, atomically."""
 
 from __future__ import annotations
 
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,10 +23,7 @@ def save_merged(model, tokenizer, out_dir: Path, card: dict, start: float, dtype
             **card, "dtype": dtype, "device": "cpu", "threads": torch.get_num_threads(),
             "n_tensors": len(state), "n_parameters": sum(t.numel() for t in state.values()),
             "shards": sorted(p.name for p in tmp.glob("*.safetensors")),
-            "versions": card_module.library_versions(),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "wall_time_s": round(time.perf_counter() - start, 3),
-            "peak_rss_bytes": card_module.peak_rss_bytes(),
+            **card_module.cost(start),
         }
         card_module.write_card(tmp, card)
     return card

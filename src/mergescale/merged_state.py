@@ -10,7 +10,6 @@ load their inputs and to write the final model.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -94,11 +93,7 @@ def write_merged_checkpoint(
             "output_bytes": writer.total_bytes,
             "shards": writer.names,
             "copied_files": copied,
-            "versions": card_module.library_versions(),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "peak_rss_bytes": card_module.peak_rss_bytes(),
+            **card_module.cost(time.perf_counter() if started is None else started),
         }
-        if started is not None:
-            full["wall_time_s"] = round(time.perf_counter() - started, 3)
         card_module.write_card(tmp, full)
     return full

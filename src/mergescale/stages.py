@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 
 from mergescale.io_utils import atomic_directory, atomic_write_json
 from mergescale.models import TinyShape, count_parameters, load_model, new_llama, save_model
