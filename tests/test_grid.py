@@ -88,7 +88,13 @@ def test_tune_on_a_method_without_grid_is_a_config_error():
         check_semantics(config)
 
 
+RULE_OF_METHOD_RULE = {"twin_merging": "twin_merging", "opcm": "merge_opcm", "map": "merge_map"}
+FIGURE_RULES = {"opcm": "plot_continual", "map": "report_map"}
+
+
 def expected_study_jobs(config: dict) -> dict[str, int]:
+    from mergescale.merge import get_method
+
     held_in, held_out = config["tasks"]["held_in"], config["tasks"]["held_out"]
     bases = config["bases"]
     n_bases = len(bases)
@@ -96,25 +102,34 @@ def expected_study_jobs(config: dict) -> dict[str, int]:
     n_combos = sum(min(config["merge"]["subsets_per_k"], math.comb(len(held_in), k))
                    for k in config["merge"]["ks"])
     methods = config["merge"]["methods"]
-    n_tuned = sum(bool(spec.get("tune")) for spec in methods.values())
+    engine = {n: s for n, s in methods.items() if "method" in s}
+    rules = {n: s["rule"] for n, s in methods.items() if "rule" in s}
+    n_tuned = sum(bool(spec.get("tune")) for spec in engine.values())
+    stats = any(get_method(s["method"]).needs_stats_rule for s in engine.values())
     data_tasks = set(held_in) | set(held_out)
     if n_instruct:
         data_tasks |= set(FAMILIES) - set(held_out)
     splits = set(config["evaluate"]["splits"])
     yamls = len(held_in + held_out) * len(splits)
-    if n_tuned and "validation" not in splits:
-        yamls += len(held_in)  # validation YAMLs of the tasks tuning may touch
+    if "validation" not in splits:
+        yamls += len(held_in)  # validation YAMLs of the tasks tuning and MAP probes touch
     ensemble = config["evaluate"].get("ensemble", True)
     models_per_base = 1 + len(held_in) + n_combos * (1 + len(methods) + int(ensemble))
-    return {
+    jobs = {
         "make_task_data": len(data_tasks), "render_task": yamls,
         "pretrain_base": n_bases - n_instruct, "instruct_base": n_instruct,
         "finetune_expert": n_bases * len(held_in), "finetune_multitask": n_bases * n_combos,
-        "merge": n_bases * n_combos * len(methods), "tune": n_bases * n_combos * n_tuned,
+        "merge": n_bases * n_combos * len(engine), "tune": n_bases * n_combos * n_tuned,
+        "compute_stats": n_bases * len(held_in) * int(stats),
         "ensemble": n_bases * n_combos * int(ensemble),
         "evaluate": n_bases * models_per_base,
         "aggregate": 1, "findings": 1, "plot": 1, "all": 1,
     }
+    for rule in rules.values():
+        jobs[RULE_OF_METHOD_RULE[rule]] = jobs.get(RULE_OF_METHOD_RULE[rule], 0) + n_bases * n_combos
+        if rule in FIGURE_RULES:
+            jobs[FIGURE_RULES[rule]] = 1
+    return jobs
 
 
 def test_study_dry_run_plans_the_whole_grid(tmp_path):
