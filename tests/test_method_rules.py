@@ -128,7 +128,7 @@ def test_toy_methods_rows_are_in_the_tables_with_plausible_scores(ran):
         assert abs(by[("median", task)] - by[("average", task)]) <= 0.05, task
     normalized = pd.read_csv(ran / "results/tables/normalized.csv")
     assert {"median", "copy_first", "twin_merging"} <= set(normalized.method)
-    assert "| smoke | copy_first | 2 |" in (ran / "results/tables/summary.md").read_text()
+    assert "| smoke | pretrained | copy_first | 2 |" in (ran / "results/tables/summary.md").read_text()
 
 
 @pytest.mark.slow

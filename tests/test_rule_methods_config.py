@@ -29,7 +29,7 @@ def test_default_config_names_both_rule_methods():
     ({"rule": "opcm", "params": {"alpha": 1.5}}, r"merge.methods.x: params.alpha=1.5 is outside"),
     ({"rule": "opcm", "params": {"order": 2}}, r"merge.methods.x: params.order is not a hyperparameter .*orders"),
     ({"rule": "map", "params": {"front_points": 0}}, r"merge.methods.x: params.front_points=0"),
-    ({"rule": "mpa"}, r"merge.methods.x: no rule file .*mpa.smk \(did you mean map\?\)"),
+    ({"rule": "mpa"}, r"merge.methods.x.rule: no rule .mpa.: no rule file .*mpa.smk \(did you mean map\?\)"),
     ({"rule": "opcm", "method": "linear"}, r"merge.methods.x"),  # one of method / rule
 ])
 def test_bad_rule_entries_name_the_key(entry, message):

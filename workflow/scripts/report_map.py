@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergescale.aggregate import _markdown
+from mergescale.aggregate import markdown_table
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to
 from mergescale.map_pareto import front_summary
@@ -17,6 +17,6 @@ with log_to(snakemake.log[0]) as log:
         "best_*: the front point with the best predicted mean (the merged model that the "
         "other tables score on test); spread: max - min of the measured means of the "
         "evaluated front points; probe_fit_mae: mean |predicted - measured| over probes.", "",
-        _markdown(summary), ""]))
+        markdown_table(summary), ""]))
     plot_map_front(front, Path(snakemake.output.plot))
     log(f"{len(summary)} fronts -> {snakemake.output.table}")
