@@ -19,6 +19,8 @@ from mergescale.aggregate import markdown_table
 
 N_BOOTSTRAP = 2000
 CONFIDENCE = 0.95
+# A percentile bootstrap over one or two units says nothing about the noise.
+MIN_UNITS = 3
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        if self.n < 2 or np.isnan(self.low):
+        if self.n < MIN_UNITS or np.isnan(self.low):
             return "inconclusive (too few paired units)"
         if self.low > 0:
             return "supported"
