@@ -53,10 +53,11 @@ def test_killed_jobs_leave_nothing_finished_and_rerun_matches(smoke_run, tmp_pat
 
     snakemake(tmp_path, "--unlock")  # a killed Snakemake leaves its lock behind
     proc = _start(tmp_path)
-    # Scoring a tiny model takes under a second, so the kill lands as soon as the job has
-    # opened its log: while it loads lm-eval and the model, before any score exists.
-    _kill_when(proc, tmp_path / "results/logs/evaluate/bases/smoke.log", "")
-    assert not (tmp_path / "results/evals/bases/smoke/scores.json").exists()
+    # The evaluation of the expert killed above cannot have run yet. Scoring a tiny model
+    # takes under a second, so the kill lands as soon as the job has opened its log:
+    # while it loads lm-eval and the model, before any score exists.
+    _kill_when(proc, tmp_path / "results/logs/evaluate/experts/smoke/last_letter.log", "")
+    assert not (tmp_path / "results/evals/experts/smoke/last_letter/scores.json").exists()
 
     snakemake(tmp_path, "--unlock")
     snakemake(tmp_path, "--cores", "2")  # resume
