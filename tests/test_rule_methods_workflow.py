@@ -52,7 +52,7 @@ def test_outputs_follow_the_merge_contract(run):
     assert {"average", "opcm", "map"} <= set(norm.method)
     assert norm[norm.method.isin(["opcm", "map"])].merge_seconds.gt(0).all()
     summary = (workdir / "results/tables/summary.md").read_text()
-    assert "| smoke | opcm | 2 |" in summary and "| smoke | map | 2 |" in summary
+    assert "| smoke | pretrained | opcm | 2 |" in summary and "| smoke | pretrained | map | 2 |" in summary
 
 
 def test_continual_curves(run):
