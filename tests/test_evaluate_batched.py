@@ -22,7 +22,9 @@ def models(tmp_path_factory):
         splits = make_splits(task, {"train": 300, "validation": 20, "test": 20})
         for split, rows in splits.items():
             write_jsonl(rows, root / "data" / task / f"{split}.jsonl")
-        write_task_yaml(task, "test", root / "data" / task / "test.jsonl", root / "tasks" / f"{task}_test.yaml")
+        for split in ("validation", "test"):
+            write_task_yaml(task, split, root / "data" / task / f"{split}.jsonl",
+                            root / "tasks" / f"{task}_{split}.yaml")
         data[task] = root / "data" / task / "train.jsonl"
     torch.set_num_threads(1)
     quiet = dict(log=lambda m: None)
@@ -105,3 +107,27 @@ def test_batch_job_refuses_what_it_cannot_score_alike(models, tmp_path):
     with pytest.raises(ValueError, match="spec"):
         evaluate_batch_and_save(plain, [models / "base", spec], tmp_path / "a.json")
     assert not (tmp_path / "a.json").exists()  # refused before anything was scored
+
+
+def test_tuning_scores_each_candidate_as_its_own_evaluation_would(models, tmp_path):
+    """tune_merge scores every grid point in one lm-eval session; each candidate's
+    validation scores equal evaluate() on that candidate's merged checkpoint."""
+    from mergescale.merge import MergeRequest, run_merge
+    from mergescale.tuning import tune_merge
+
+    space = {"lambda": [0.2, 1.0]}
+    record = tune_merge(method="task_arithmetic", base=models / "base", experts=[models / "expert"],
+                        space=space, fixed={}, task_dir=models / "tasks", tasks=list(TASKS),
+                        out=tmp_path / "tuning.json", log=lambda m: None)
+    assert [c["params"] for c in record["candidates"]] == [{"lambda": 0.2}, {"lambda": 1.0}]
+    for cand in record["candidates"]:
+        out = tmp_path / f"lambda{cand['params']['lambda']}"
+        run_merge(MergeRequest(method="task_arithmetic", base=models / "base", experts=[models / "expert"],
+                               out_dir=out, params=cand["params"], progress=False))
+        alone = evaluate(EvalRequest(model_dir=out, task_dir=models / "tasks",
+                                     tasks=tuple((t, "validation") for t in TASKS)), log=lambda m: None)
+        assert cand["validation"] == {s["task"]: s["value"] for s in alone["scores"]}
+    means = [c["mean"] for c in record["candidates"]]
+    assert record["chosen"] == record["candidates"][means.index(max(means))]["params"]
+    # the grid points differ: the comparison is not between two identical models
+    assert record["candidates"][0]["validation"] != record["candidates"][1]["validation"]

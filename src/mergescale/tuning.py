@@ -2,7 +2,8 @@
 
 A tuned method's search space is its registered grid (``Hyperparameter.grid``), or a
 grid the config gives; every candidate is merged and scored on the validation split of
-the merged experts' tasks, all in one process (lm-eval is imported once), and the
+the merged experts' tasks, all in one process: one lm-eval session and one model
+(``BatchEvaluator``) score every candidate, each merged just before it is scored. The
 candidate with the best mean validation exact match is chosen (ties: the first in the
 grid's order, so the choice is deterministic). The search space, every candidate's
 scores and the choice are written to one JSON file that the final merge reads.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mergescale.evaluate import EvalRequest, evaluate
+from mergescale.evaluate import BatchEvaluator, Candidate
 from mergescale.io_utils import atomic_write_json
 from mergescale.merge import MergeRequest, get_method, run_merge, validate_params
 from mergescale.merge.errors import MergeInputError
@@ -55,22 +56,36 @@ def tune_merge(*, method: str, base: Path, experts: list[Path], space: dict[str,
     """Merge and score every candidate on the validation split; write and return the record."""
     start = time.perf_counter()
     grid = candidates(space)
+    method_obj = get_method(method)
+    for candidate in grid:  # every candidate's params are checked before any merge runs
+        validate_params(method_obj, {**fixed, **candidate})
+    split_tasks = tuple((t, "validation") for t in tasks)
+
+    def merged_candidates():
+        # Each merge lives in its own temporary directory until the evaluator asks for the
+        # next candidate, i.e. until it has been scored.
+        for i, candidate in enumerate(grid):
+            with tempfile.TemporaryDirectory(prefix="mergescale-tune-") as tmp:
+                merged = Path(tmp) / "model"
+                run_merge(MergeRequest(method=method, base=base, experts=experts, out_dir=merged,
+                                       params={**fixed, **candidate}, dtype=dtype, seed=seed,
+                                       progress=False))
+                yield Candidate(name=f"candidate {i + 1}", weights=merged, tasks=split_tasks,
+                                meta={"index": i, "params": candidate})
+
+    merges = merged_candidates()
+    first = next(merges)
+    # The first merge is the batch's reference model: config and dtype those of a merged
+    # checkpoint, so each candidate scores as evaluate() would score it once written.
+    evaluator = BatchEvaluator(first.weights, task_dir, batch_size=batch_size, limit=limit,
+                               seed=seed, log=lambda *_: None)
     results = []
-    for i, candidate in enumerate(grid):
-        params = {**fixed, **candidate}
-        validate_params(get_method(method), params)
-        with tempfile.TemporaryDirectory(prefix="mergescale-tune-") as tmp:
-            merged = Path(tmp) / "model"
-            run_merge(MergeRequest(method=method, base=base, experts=experts, out_dir=merged,
-                                   params=params, dtype=dtype, seed=seed, progress=False))
-            scored = evaluate(EvalRequest(model_dir=merged, task_dir=task_dir,
-                                          tasks=tuple((t, "validation") for t in tasks),
-                                          batch_size=batch_size, limit=limit, seed=seed),
-                              log=lambda *_: None)
+    for cand, scored in evaluator.score(itertools.chain([first], merges)):
         per_task = {row["task"]: row["value"] for row in scored["scores"]}
         mean = sum(per_task.values()) / len(per_task)
-        results.append({"params": candidate, "validation": per_task, "mean": mean})
-        log(f"[{i + 1}/{len(grid)}] {candidate}: mean validation exact match {mean:.3f}")
+        results.append({"params": cand.meta["params"], "validation": per_task, "mean": mean})
+        log(f"[{cand.meta['index'] + 1}/{len(grid)}] {cand.meta['params']}: "
+            f"mean validation exact match {mean:.3f}")
     best = max(range(len(results)), key=lambda i: (results[i]["mean"], -i))
     record = {
         "method": method, "space": space, "fixed": fixed, "split": "validation", "tasks": tasks,
