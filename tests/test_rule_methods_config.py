@@ -31,6 +31,10 @@ def test_default_config_names_both_rule_methods():
     ({"rule": "map", "params": {"front_points": 0}}, r"merge.methods.x: params.front_points=0"),
     ({"rule": "mpa"}, r"merge.methods.x.rule: no rule .mpa.: no rule file .*mpa.smk \(did you mean map\?\)"),
     ({"rule": "opcm", "method": "linear"}, r"merge.methods.x"),  # one of method / rule
+    # Twin-Merging checks its nested params itself, through the same registry
+    ({"rule": "twin_merging", "params": {"rank": 0}}, r"merge.methods.x: params.rank: expected a positive"),
+    ({"rule": "twin_merging", "params": {"shared_params": {"density": 3}}},
+     r"merge.methods.x: params.shared_params: density=3"),
 ])
 def test_bad_rule_entries_name_the_key(entry, message):
     with pytest.raises(ConfigError, match=message):
@@ -40,3 +44,5 @@ def test_bad_rule_entries_name_the_key(entry, message):
 def test_defaults_fill_in():
     assert resolve_params("opcm", {}) == {"alpha": 0.5, "orders": 2, "baseline_lambda": 0.5}
     assert resolve_params("map", {"grid": 5})["grid"] == 5
+    twin = resolve_params("twin_merging", {"rank": 4})
+    assert twin["rank"] == 4 and twin["shared_method"] == "ties" and twin["router_steps"] == 300

@@ -1,21 +1,24 @@
 """Merge methods that are workflow rules of their own (workflow/rules/methods/<rule>.smk).
 
 A config entry ``merge.methods.<name>: {rule: <rule>, params: {...}}`` names such a rule.
-Rules implemented in this package declare their hyperparameters here so the config is
-checked before any job runs; a rule file added by a user (any script or command) needs
+Rules implemented in this package are registered here so the config is checked before
+any job runs (their module declares HYPERPARAMETERS, or a check_params(params, where)
+for params that are not flat scalars); a rule file added by a user (any script or command) needs
 only its .smk file, and its params are passed through unchecked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 from pathlib import Path
 from typing import Any
 
 METHOD_RULES_DIR = Path(__file__).resolve().parents[2] / "workflow" / "rules" / "methods"
-# rule name -> module declaring HYPERPARAMETERS, DESCRIPTION, PAPER
-KNOWN = {"opcm": "mergescale.opcm", "map": "mergescale.map_pareto", "lora_lego": "mergescale.lora_lego"}
+# rule name -> module declaring HYPERPARAMETERS (or check_params), DESCRIPTION, PAPER
+KNOWN = {"opcm": "mergescale.opcm", "map": "mergescale.map_pareto", "lora_lego": "mergescale.lora_lego",
+         "twin_merging": "mergescale.twin_merging"}
 
 
 def rule_module(rule: str):
@@ -28,6 +31,8 @@ def resolve_params(rule: str, params: dict[str, Any] | None, where: str = "") ->
     module = rule_module(rule)
     if module is None:
         return params
+    if hasattr(module, "check_params"):  # nested params: the module checks them itself
+        return dataclasses.asdict(module.check_params(params, where.rstrip(".") or "params"))
     known = {h.name: h for h in module.HYPERPARAMETERS}
     for key in params:
         if key not in known:

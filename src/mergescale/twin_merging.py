@@ -56,7 +56,8 @@ class TwinParams:
 
 
 def check_params(params: dict | None, where: str = "params") -> TwinParams:
-    """Validate a config's Twin-Merging params; errors name the key."""
+    """Validate a config's Twin-Merging params; errors name the key (``where``.<key>).
+    Registered in mergescale.rule_methods, which calls it when the config is loaded."""
     from mergescale.config import ConfigError
     from mergescale.merge import MergeInputError, validate_params
 
@@ -64,24 +65,24 @@ def check_params(params: dict | None, where: str = "params") -> TwinParams:
     known = TwinParams.__dataclass_fields__
     for key in params:
         if key not in known:
-            raise ConfigError(f"config key {where}.{key}: not a Twin-Merging parameter; "
+            raise ConfigError(f"{where}.{key}: not a Twin-Merging parameter; "
                               f"allowed: {', '.join(known)}")
     if not isinstance(params.get("shared_params", {}), dict):
-        raise ConfigError(f"config key {where}.shared_params: expected a mapping, got {params['shared_params']!r}")
+        raise ConfigError(f"{where}.shared_params: expected a mapping, got {params['shared_params']!r}")
     out = TwinParams(**params)
     for key in ("rank", "router_steps"):
         value = getattr(out, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"config key {where}.{key}: expected a positive integer, got {value!r}")
+            raise ConfigError(f"{where}.{key}: expected a positive integer, got {value!r}")
     if isinstance(out.router_lr, bool) or not isinstance(out.router_lr, (int, float)) or not out.router_lr > 0:
-        raise ConfigError(f"config key {where}.router_lr: expected a positive number, got {out.router_lr!r}")
+        raise ConfigError(f"{where}.router_lr: expected a positive number, got {out.router_lr!r}")
     if out.shared_method not in SHARED_METHODS:
-        raise ConfigError(f"config key {where}.shared_method: {out.shared_method!r} is not one of "
+        raise ConfigError(f"{where}.shared_method: {out.shared_method!r} is not one of "
                           f"{list(SHARED_METHODS)}")
     try:
         validate_params(out.shared_method, out.shared_params)
     except MergeInputError as err:
-        raise ConfigError(f"config key {where}.shared_params: {err}") from None
+        raise ConfigError(f"{where}.shared_params: {err}") from None
     return out
 
 

@@ -1,7 +1,8 @@
 from pathlib import Path
 
 from mergescale.job import log_to, set_threads
-from mergescale.twin_merging import build_twin, check_params
+from mergescale.rule_methods import resolve_params
+from mergescale.twin_merging import TwinParams, build_twin
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
@@ -12,7 +13,7 @@ with log_to(snakemake.log[0]) as log:
         tasks=list(p.tasks),
         validation_files=[Path(f) for f in snakemake.input.validation],
         out_dir=Path(snakemake.output[0]),
-        params=check_params(dict(p.params)),
+        params=TwinParams(**resolve_params("twin_merging", dict(p.params))),
         seed=p.seed,
         dtype=p.dtype,
         log_fn=log,

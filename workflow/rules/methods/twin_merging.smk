@@ -1,12 +1,8 @@
 # Twin-Merging (Lu et al., 2024) as a rule-method: a shared merge plus SVD-compressed
 # exclusive parts mixed per input by a router (src/mergescale/twin_merging.py). Writes a
 # model-spec directory that lm-eval loads through the registered class `mergescale-twin`.
+# Its params are checked when the config is loaded (mergescale.rule_methods).
 import mergescale.twin_merging as twin_merging_module
-
-# Bad params fail before any job runs, naming the key.
-for _name in RULE_METHODS:
-    if METHODS[_name]["rule"] == "twin_merging":
-        twin_merging_module.check_params(METHODS[_name].get("params"), f"merge.methods.{_name}.params")
 
 
 rule twin_merging:
