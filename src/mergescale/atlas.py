@@ -25,7 +25,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch.func import functional_call
 
-from mergescale.merged_model import save_merged
+from mergescale.merged_state import write_merged_checkpoint
 from mergescale.models import load_model
 from mergescale.train import collate, encode
 
@@ -144,7 +144,7 @@ def merge_atlas(method: str, base_dir: Path, expert_dirs: list[Path], rows: list
         model.load_state_dict(tvm.params(coef), strict=False)
     log(f"{method}: validation answer loss {loss:.4f} on {len(rows)} examples")
     description, paper = ATLAS_METHODS[method]
-    return save_merged(model, tokenizer, out_dir, {
+    return write_merged_checkpoint(model.state_dict(), Path(base_dir), Path(out_dir), {
         "method": method, "description": description, "paper": paper,
         "params": {**params, "examples": len(rows), "validation_loss": loss},
         "base": {"path": str(Path(base_dir).resolve())},
@@ -152,4 +152,4 @@ def merge_atlas(method: str, base_dir: Path, expert_dirs: list[Path], rows: list
                      "params": {"coefficients": [round(x, 5) for x in coef[i].tolist()]}}
                     for i, d in enumerate(expert_dirs)],
         "seed": seed, "blocks": tvm.blocks if method == "atlas" else ["model"],
-    }, start, dtype)
+    }, dtype=dtype, started=start)

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from mergescale.cross_seed_study import CROSS_SEED_METHODS
-from mergescale.merged_model import save_merged
-from mergescale.merged_state import average_states
+from mergescale.merged_state import average_states, write_merged_checkpoint
 from mergescale.models import load_model
 from mergescale.permutation import apply_permutation, llama_permutation_spec, weight_matching
 from mergescale.pleas import least_squares_merge, linear_layer_names
@@ -80,7 +79,8 @@ def merge_cross_seed(method: str, experts_a: list[Path], experts_b: list[Path], 
         residuals = least_squares_merge(model, originals, linear_layer_names(model),
                                         text_batches(tokenizer, rows, batch_size), ridge, log)
     description, paper = CROSS_SEED_METHODS[method]
-    card = save_merged(model, tokenizer, out_dir, {
+    # expert A's first checkpoint gives the config and tokenizer (every expert shares them)
+    card = write_merged_checkpoint(model.state_dict(), Path(experts_a[0]), Path(out_dir), {
         "method": f"cross_seed_{method}", "description": description, "paper": paper,
         "params": {"max_iter": max_iter, **({"ridge": ridge, "examples": len(rows or [])}
                                            if method == "pleas" else {})},
@@ -90,6 +90,6 @@ def merge_cross_seed(method: str, experts_a: list[Path], experts_b: list[Path], 
         "seed": seed,
         "permutation_sizes": {g: len(p) for g, p in perms.items()} if perms else None,
         "pleas_relative_residuals": residuals,
-    }, start, dtype)
+    }, dtype=dtype, started=start)
     log(f"cross-seed {method}: {len(experts_a)} + {len(experts_b)} experts in {card['wall_time_s']:.1f}s")
     return card

@@ -2,9 +2,10 @@
 as a checkpoint directory with the same contract as the streaming engine's output
 (safetensors shards, copied config and tokenizer, merge_card.json + README.md).
 
-Methods that are rules of their own (continual merging, Pareto fronts) build many
-intermediate models; they keep one running state per tensor and use these helpers to
-load their inputs and to write the final model.
+Methods that are rules of their own (continual merging, Pareto fronts, LoRA-LEGO) build
+many intermediate models; they keep one running state per tensor and use these helpers
+to load their inputs and to write the final model. Merges computed on an HF model
+(aTLAS, cross-seed merging) write its state_dict() through the same writer.
 """
 
 from __future__ import annotations
