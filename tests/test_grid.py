@@ -202,3 +202,24 @@ def test_unbatched_evaluation_plans_one_job_per_model(tmp_path):
     models = 1 + len(held_in) + n_combos * (1 + len(config["merge"]["methods"]) + 1)
     assert jobs["evaluate"] == models
     assert "evaluate_batch" not in jobs and "unbatch_scores" not in jobs
+
+
+def test_instruct_base_trains_through_the_workflow(tmp_path):
+    """An instruct base is built by the real rule (its script is shared with the
+    fine-tuning rules and reads every param they pass): the smoke base further trained
+    on every non-held-out task family."""
+    import json
+
+    from workflow_helpers import SMOKE_CONFIG, snakemake
+
+    config = yaml.safe_load(SMOKE_CONFIG.read_text())
+    config["bases"]["smoke-it"] = {"source": "instruct", "from": "smoke",
+                                   "train": {"steps": 10, "batch_size": 16, "lr": 1.0e-3}}
+    config["bases"]["smoke"]["pretrain"]["steps"] = 10
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "--cores", "1", "results/bases/smoke-it", config=path)
+    card = json.loads((tmp_path / "results/bases/smoke-it/training_card.json").read_text())
+    assert card["stage"] == "instruct_base" and card["config"]["steps"] == 10
+    assert card["tasks"] == instruct_tasks(config["tasks"]["held_out"])
+    assert "first_letter" not in card["tasks"]  # the smoke config's held-out task

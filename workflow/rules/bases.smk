@@ -36,6 +36,7 @@ rule instruct_base:
     params:
         train=lambda wc: {"seed": config["seed"], **config["bases"][wc.base]["train"]},
         stage="instruct_base",
+        chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1
     resources:
         mem_mb=2000,
