@@ -3,8 +3,8 @@
 A config entry ``merge.methods.<name>: {rule: <rule>, params: {...}}`` names such a rule.
 Rules implemented in this package are registered here so the config is checked before
 any job runs (their module declares HYPERPARAMETERS, or a check_params(params, where)
-for params that are not flat scalars); a rule file added by a user (any script or command) needs
-only its .smk file, and its params are passed through unchecked.
+for params that are not flat scalars); a rule file added by a user (any script or
+command) needs only its .smk file, and its params are passed through unchecked.
 """
 
 from __future__ import annotations
