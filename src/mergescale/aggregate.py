@@ -95,7 +95,7 @@ def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
             rows.append({
                 **meta, "k": k,
                 "size": labels.get("size", meta["base"]), "quality": labels.get("quality", ""),
-                "parameters": labels.get("parameters"),
+                "replicate": labels.get("replicate", 0), "parameters": labels.get("parameters"),
                 "task": s["task"], "split": s["split"],
                 # lm-eval tasks (tasks.lm_eval) carry their cluster in the score row.
                 "cluster": s.get("cluster") or get_family(s["task"]).cluster,
@@ -155,7 +155,7 @@ def normalized_scores(scores: pd.DataFrame, held_in: list[str], held_out: list[s
                 ho_mt, _ = _ratio_mean(ho, multi.reindex(held_out))
                 out.append({
                     "base": base, "size": first_of_base["size"], "quality": first_of_base["quality"],
-                    "parameters": first_of_base["parameters"],
+                    "replicate": first_of_base["replicate"], "parameters": first_of_base["parameters"],
                     "method": method, "reference": method in REFERENCES,
                     "combo": combo, "k": len(tasks_in),
                     "held_in_raw": float(hi.mean()),

@@ -38,8 +38,9 @@ def _human(n: int) -> str:
 
 
 def base_labels(bases: dict) -> dict[str, dict]:
-    """{base: {size, quality, parameters}}; labels default to the parameter count and
-    the source. Parameters are counted from the shape, without building the model."""
+    """{base: {size, quality, replicate, parameters}}; labels default to the parameter count
+    and the source, the replicate to 0. Parameters are counted from the shape, without
+    building the model."""
     vocab = char_vocab_size(ALPHABET)
     out = {}
 
@@ -50,13 +51,16 @@ def base_labels(bases: dict) -> dict[str, dict]:
                 parent = labels(spec["from"])
                 out[name] = {"size": spec.get("size") or parent["size"],
                              "quality": spec.get("quality") or parent["quality"],
+                             "replicate": spec.get("replicate", parent["replicate"]),
                              "parameters": parent["parameters"]}
                 return out[name]
             root = bases[root_base(bases, name)]
             params = llama_parameter_count(root["shape"], vocab) if "shape" in root else None
             size = spec.get("size") or root.get("size") or (_human(params) if params else name)
             quality = spec.get("quality") or QUALITY_BY_SOURCE.get(spec["source"], "pretrained")
-            out[name] = {"size": size, "quality": quality, "parameters": params}
+            replicate = spec.get("replicate", root.get("replicate", 0))
+            out[name] = {"size": size, "quality": quality, "replicate": replicate,
+                         "parameters": params}
         return out[name]
 
     for name in bases:
