@@ -4,7 +4,15 @@
 
 RUN_DIR is the directory the workflow ran in (its results/benchmarks/ holds one
 Snakemake benchmark file per finished job). Prints, per rule, the finished jobs and
-their wall and CPU seconds. With --configfile it also asks Snakemake (dry run) which
+their wall and CPU seconds, and splits each job's wall time into
+  start-up: process start to the script's work (interpreter, Snakemake's script
+            preamble, top-level imports of torch/transformers/lm-eval),
+  work:     the script's body (`mergescale.job.log_to`; imports done lazily inside it
+            count as work),
+  other:    what the benchmark saw around both (Snakemake's job wrapper and shell),
+from the timing line every job writes at the end of its log. With --wall (the run's wall
+time in seconds) it also reports the scheduler's share: core-seconds the run had
+(wall x cores) that no job used. With --configfile it also asks Snakemake (dry run) which
 jobs are still to run and estimates their wall time on --cores cores: per rule, the
 mean CPU seconds of its finished jobs, summed over the jobs left, divided by the cores
 (a lower bound when jobs wait on each other; rules with no finished job yet are listed
@@ -21,6 +29,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mergescale.job import read_timing  # noqa: E402
+
 
 def finished_jobs(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
     """{rule: [(wall s, cpu s), ...]} from results/benchmarks/<rule>/**.tsv."""
@@ -33,6 +44,20 @@ def finished_jobs(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
         rule = tsv.relative_to(root).parts[0].removesuffix(".tsv")
         cpu = rows[-1].get("cpu_time") or "nan"
         out[rule].append((float(rows[-1]["s"]), float(cpu)))
+    return out
+
+
+def job_splits(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """{rule: [(start-up s, work s), ...]} from the timing line of each job log."""
+    out = defaultdict(list)
+    root = run_dir / "results" / "logs"
+    for log in sorted(root.rglob("*.log")):
+        timing = read_timing(log)
+        if timing is None:
+            continue
+        rule = log.relative_to(root).parts[0]
+        out[rule].append((timing["work_start"] - timing["process_start"],
+                          timing["work_end"] - timing["work_start"]))
     return out
 
 
@@ -58,16 +83,39 @@ def main(argv=None) -> None:
     p.add_argument("--configfile", type=Path)
     p.add_argument("--snakefile", type=Path, default=Path(__file__).parents[1] / "workflow" / "Snakefile")
     p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--wall", type=float, help="the run's wall time in seconds (scheduler share)")
     args = p.parse_args(argv)
 
     done = finished_jobs(args.run_dir)
-    print(f"{'rule':28s} {'jobs':>5s} {'wall s':>9s} {'cpu s':>9s} {'cpu s/job':>9s}")
+    splits = job_splits(args.run_dir)
+    print(f"{'rule':28s} {'jobs':>5s} {'wall s':>9s} {'cpu s':>9s} {'cpu s/job':>9s} "
+          f"{'start-up':>9s} {'work':>9s} {'other':>9s} {'work %':>7s}")
+    totals = {"wall": 0.0, "startup": 0.0, "work": 0.0}
     for rule, jobs in sorted(done.items(), key=lambda kv: -sum(c for _, c in kv[1])):
         wall, cpu = sum(w for w, _ in jobs), sum(c for _, c in jobs)
-        print(f"{rule:28s} {len(jobs):5d} {wall:9.1f} {cpu:9.1f} {cpu / len(jobs):9.1f}")
+        startup = sum(s for s, _ in splits.get(rule, []))
+        work = sum(w for _, w in splits.get(rule, []))
+        totals["wall"] += wall
+        totals["startup"] += startup
+        totals["work"] += work
+        print(f"{rule:28s} {len(jobs):5d} {wall:9.1f} {cpu:9.1f} {cpu / len(jobs):9.1f} "
+              f"{startup:9.1f} {work:9.1f} {wall - startup - work:9.1f} "
+              f"{100 * work / wall if wall else 0:6.0f}%")
     total_cpu = sum(c for jobs in done.values() for _, c in jobs)
     print(f"finished: {sum(map(len, done.values()))} jobs, {total_cpu:.0f} CPU s "
           f"(>= {total_cpu / args.cores / 60:.1f} min of wall on {args.cores} cores)")
+    if totals["wall"]:
+        w = totals["wall"]
+        print(f"job wall time: {w:.0f} s = start-up {totals['startup']:.0f} s "
+              f"({100 * totals['startup'] / w:.0f}%) + work {totals['work']:.0f} s "
+              f"({100 * totals['work'] / w:.0f}%) + other {w - totals['startup'] - totals['work']:.0f} s "
+              f"({100 * (w - totals['startup'] - totals['work']) / w:.0f}%; shell rules have no split)")
+    if args.wall:
+        capacity = args.wall * args.cores
+        print(f"run: {args.wall:.0f} s wall x {args.cores} cores = {capacity:.0f} core-s; jobs "
+              f"occupied {totals['wall']:.0f} ({100 * totals['wall'] / capacity:.0f}%), their work "
+              f"{totals['work']:.0f} ({100 * totals['work'] / capacity:.0f}%); the rest is "
+              f"scheduling, idle cores and jobs waiting on each other")
     if args.configfile is None:
         return
     left = planned_jobs(args.run_dir, args.configfile, args.snakefile)

@@ -1,15 +1,50 @@
-"""Job plumbing for workflow scripts: logging to the rule's `log:` file, thread budget."""
+"""Job plumbing for workflow scripts: logging to the rule's `log:` file, thread budget,
+and the job's own split of its time into start-up and work."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+# The last line of every job log: when the process started, when the script's work began
+# (after the interpreter, Snakemake's script preamble and the script's top-level imports)
+# and when it ended. benchmarks/workflow_time.py splits each rule's time with it.
+TIMING_PREFIX = "# mergescale job timing: "
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # timing is informative only; never fail a job over it
+        return float("nan")
+
+
+def timing_line(process_start: float, work_start: float, work_end: float) -> str:
+    return TIMING_PREFIX + json.dumps({"process_start": process_start, "work_start": work_start,
+                                       "work_end": work_end})
+
+
+def read_timing(log: str | Path) -> dict | None:
+    """The timing record of a job log, or None (a shell rule, or a job that failed)."""
+    try:
+        lines = Path(log).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines[-5:]):
+        if line.startswith(TIMING_PREFIX):
+            return json.loads(line[len(TIMING_PREFIX):])
+    return None
 
 
 @contextmanager
 def log_to(path: str | Path):
     """Send stdout and stderr (Python, warnings, tracebacks) to ``path`` line-buffered."""
+    work_start = time.time()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", buffering=1) as fh:
         old_out, old_err = sys.stdout, sys.stderr
@@ -21,6 +56,8 @@ def log_to(path: str | Path):
 
             traceback.print_exc(file=fh)
             raise
+        else:
+            print(timing_line(_process_start(), work_start, time.time()), file=fh)
         finally:
             sys.stdout, sys.stderr = old_out, old_err
 
