@@ -51,6 +51,10 @@ TITLES = {
 }
 
 
+class FindingsInputError(ValueError):
+    """normalized.csv missing or without the columns the claims need."""
+
+
 @dataclass
 class Study:
     """normalized.csv's merged rows as cubes indexed [size, quality, replicate, method, subset]."""
@@ -75,7 +79,7 @@ class Study:
         merged = normalized[~normalized.reference.astype(bool)].copy()
         notes = []
         if merged.empty:
-            raise ValueError("normalized table has no merged rows (every row is a reference)")
+            raise FindingsInputError("normalized table has no merged rows (every row is a reference)")
         merged["replicate"] = merged.get("replicate", 0)
         merged["replicate"] = merged["replicate"].fillna(0).astype(int)
         by_size = merged.groupby("size", sort=False).parameters.first()
@@ -376,9 +380,15 @@ def analyse(normalized: pd.DataFrame, n_bootstrap: int = N_BOOTSTRAP, seed: int 
     return study, results
 
 
+def findings_records(results: list[ClaimResult]) -> list[dict]:
+    """JSON-ready: per claim, one object with comparison "claim" and the claim's verdict,
+    then one per comparison (claim, comparison, estimate, low, high, verdict, ...)."""
+    return [d for r in results for d in r.to_dicts()]
+
+
 def findings_json(normalized: pd.DataFrame, n_bootstrap: int = N_BOOTSTRAP, seed: int = 0) -> str:
     _, results = analyse(normalized, n_bootstrap, seed)
-    return json.dumps([d for r in results for d in r.to_dicts()], indent=2)
+    return json.dumps(findings_records(results), indent=2)
 
 
 HOW = {
@@ -408,8 +418,7 @@ def _grid_text(study: Study) -> list[str]:
     lines = [
         f"- {len(study.sizes)} size(s) ({', '.join(f'{s} ({p:,.0f} parameters)' if np.isfinite(p) else str(s) for s, p in zip(study.sizes, study.parameters))}); "
         f"base qualities: {', '.join(map(str, study.qualities))}; "
-        f"{int(have.min()) if len(have) else 0}-{int(have.max()) if len(have) else 0} independent "
-        f"replicate(s) per size x quality; k in {{{', '.join(f'{k:g}' for k in study.groups)}}} with "
+        f"{_span(have)} independent replicate(s) (trained bases) per size x quality; k in {{{', '.join(f'{k:g}' for k in study.groups)}}} with "
         f"{', '.join(f'{n} subset(s) at k={k:g}' for k, n in per_k.items())}; "
         f"{len(study.methods)} merge methods ({sum(m in PAPER_METHODS for m in study.methods)} of the paper's four).",
     ]
@@ -438,6 +447,13 @@ def _grid_text(study: Study) -> list[str]:
     return lines
 
 
+def _span(values: np.ndarray) -> str:
+    if not len(values):
+        return "0"
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def _comparison_table(result: ClaimResult) -> str:
     rows = []
     for c in result.comparisons:
@@ -450,7 +466,10 @@ def _comparison_table(result: ClaimResult) -> str:
 
 
 def findings_markdown(normalized: pd.DataFrame, n_bootstrap: int = N_BOOTSTRAP, seed: int = 0) -> str:
-    study, results = analyse(normalized, n_bootstrap, seed)
+    return render_markdown(*analyse(normalized, n_bootstrap, seed), n_bootstrap)
+
+
+def render_markdown(study: Study, results: list[ClaimResult], n_bootstrap: int = N_BOOTSTRAP) -> str:
     lines = [
         "# Findings", "",
         "The claims of Yadav et al. (2024) tested on this run. The unit of inference is a base "
@@ -459,10 +478,13 @@ def findings_markdown(normalized: pd.DataFrame, n_bootstrap: int = N_BOOTSTRAP, 
         f"standard errors come from a hierarchical bootstrap ({n_bootstrap} draws: replicates "
         "within each size, then expert subsets within each k, all methods of a subset together), "
         "with Student's t on the replicates' degrees of freedom. Within a claim, p-values are "
-        f"Holm-corrected and intervals are simultaneous ({1 - ALPHA:.0%} over the claim's "
-        f"comparisons). A difference inside +-{ROPE} normalised (region of practical "
+        f"Holm-corrected and each interval has the level of its Holm step "
+        f"({ALPHA:g} divided among the claim's comparisons). A difference inside +-{ROPE} normalised (region of practical "
         "equivalence) is 'no meaningful difference'; a cell with fewer than "
-        f"{MIN_REPLICATES} replicates gets no verdict. Rules and thresholds: docs/findings.md.", "",
+        f"{MIN_REPLICATES} replicates gets no verdict, and its interval (2.5-97.5 percentiles of the "
+        "draws) only describes the spread over expert subsets of the checkpoints at hand. Rows "
+        "marked 'descriptive' are shown for detail and do not enter the claim's verdict. Rules, "
+        "thresholds and the calibration on simulated studies: docs/findings.md.", "",
         "## What this grid can and cannot test", "", *_grid_text(study), *(f"- {n}" for n in study.notes), "",
         "## Verdicts", "",
         markdown_table(pd.DataFrame([{"claim": f"{r.number}. {r.title}", "verdict": r.verdict,
@@ -479,21 +501,34 @@ def findings_markdown(normalized: pd.DataFrame, n_bootstrap: int = N_BOOTSTRAP, 
     return "\n".join(lines)
 
 
-def write_findings(normalized_csv, out=None, as_json: bool = False,
-                   n_bootstrap: int = N_BOOTSTRAP, seed: int = 0) -> str:
-    """Read normalized.csv, return the findings (markdown or JSON), and write them to `out`."""
+REQUIRED_COLUMNS = ("base", "size", "quality", "method", "reference", "combo", "k")
+
+
+def read_normalized(path) -> pd.DataFrame:
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FindingsInputError(f"{path}: no such file (normalized.csv of the aggregate rule)")
+    table = pd.read_csv(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise FindingsInputError(f"{path}: missing column(s) {', '.join(missing)}")
+    if table.reference.astype(bool).all():
+        raise FindingsInputError(f"{path}: no merged rows (every row is a reference)")
+    return table
+
+
+def write_findings(normalized_csv, out=None, n_bootstrap: int = N_BOOTSTRAP, seed: int = 0
+                   ) -> tuple[str, list[dict]]:
+    """The `findings` rule and `mergescale findings`: read normalized.csv, write the
+    markdown to `out` (if given); return the markdown and the JSON records."""
     from pathlib import Path
 
     from mergescale.io_utils import atomic_write_text
 
-    path = Path(normalized_csv)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such normalized.csv")
-    table = pd.read_csv(path)
-    missing = {"base", "size", "quality", "method", "reference", "combo", "k"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    text = (findings_json if as_json else findings_markdown)(table, n_bootstrap, seed)
+    study, results = analyse(read_normalized(normalized_csv), n_bootstrap, seed)
+    text = render_markdown(study, results, n_bootstrap)
     if out is not None:
         atomic_write_text(Path(out), text + "\n")
-    return text
+    return text, findings_records(results)

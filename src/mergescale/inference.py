@@ -23,8 +23,9 @@ Intervals and tests. With three replicates a percentile interval has ten distinc
 resamples and is far too narrow, so the bootstrap supplies a standard error (with
 rescaled weights, see `draw_weights`) and Student's t on the replicates' degrees of
 freedom supplies the quantiles. Within a claim, p-values get
-Holm's step-down correction; reported intervals are simultaneous over the claim's
-comparisons (Bonferroni level 1 - ALPHA / m). A comparison is
+Holm's step-down correction; a reported interval has the level of its comparison's Holm
+step (1 - ALPHA / (m - rank), rank 0 for the smallest p), so it excludes 0 when Holm
+rejects. A comparison is
 
     'no meaningful difference'  when its (1 - 2 ALPHA) interval lies inside +-ROPE
                                 (two one-sided tests: equivalence at level ALPHA);
@@ -193,18 +194,21 @@ def decide(comparisons: list[Comparison], alpha: float = ALPHA) -> None:
                 c.low, c.high = (float(v) for v in np.percentile(finite[1:], [2.5, 97.5]))
             c.verdict = DESCRIPTIVE if c.descriptive else INCONCLUSIVE
             n = c.replicates
-            c.note = ("single checkpoints: the numbers describe one checkpoint per cell" if n <= 1
-                      else f"{n} checkpoints per cell: fewer than {MIN_REPLICATES} replicates")
+            c.note = ("one checkpoint per cell" if n <= 1
+                      else f"{n} checkpoints per cell, fewer than {MIN_REPLICATES}")
             continue
         se, est = c.se, c.estimate
         if se > 0:
             c.p = float(2 * sps.t.sf(abs(est) / se, c.df))
         else:
             c.p = 0.0 if est != 0 else 1.0
-        half = _t_quantile(1 - alpha / (2 * m), c.df) * se
-        c.low, c.high = est - half, est + half
-    for c, p in zip(testable, holm([c.p for c in testable])):
+    ranks = np.argsort(np.argsort([c.p for c in testable], kind="stable"), kind="stable")
+    for c, p, rank in zip(testable, holm([c.p for c in testable]), ranks):
         c.p_holm = p
+        # the interval at the level of this comparison's Holm step (1 - alpha / (m - rank)):
+        # it excludes 0 exactly when Holm rejects, unless an earlier step already stopped
+        half = _t_quantile(1 - alpha / (2 * (m - rank)), c.df) * c.se
+        c.low, c.high = c.estimate - half, c.estimate + half
         half_tost = _t_quantile(1 - alpha, c.df) * c.se
         if -c.rope < c.estimate - half_tost and c.estimate + half_tost < c.rope:
             c.verdict = EQUIVALENT
