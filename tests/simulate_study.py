@@ -28,6 +28,7 @@ class Truth:
     held_out_gain: float = 0.0     # claim 3: held-out merged / base - 1 (and vs multitask)
     k_slope_gain: float = 0.0      # claim 4: per expert, largest minus smallest size
     method_sd_small: float = 0.0   # claim 5: sd of method effects at the smallest size (0 at the largest)
+    method_sd_all: float = 0.0     # no claim: the same method differences at every size
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def simulate_study(rng: np.random.Generator, truth: Truth = Truth(), noise: Nois
         subset = rng.normal(0, noise.subset, n_c)[c]
         slope = (noise.k_slope + truth.k_slope_gain * size_pos + checkpoint_slope) * over_k
         return (level + truth.quality_step * q + truth.size_gain * size_pos + slope * (k - np.mean(KS))
-                + truth.method_sd_small * (1 - size_pos) * method_effect[m]
+                + (truth.method_sd_small * (1 - size_pos) + truth.method_sd_all) * method_effect[m]
                 + checkpoint + subset + rng.normal(0, 1, len(s)) * row_sd)
 
     held_in = metric(0.8)

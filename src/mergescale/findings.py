@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -72,6 +72,8 @@ class Study:
     index: tuple              # row positions into the cube
     draws: Draws
     notes: list
+    _cubes: dict = field(default_factory=dict, repr=False)
+    _means: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_table(cls, normalized: pd.DataFrame, n_bootstrap: int = N_BOOTSTRAP, seed: int = 0
@@ -111,6 +113,11 @@ class Study:
         return next((c for c in METRICS[metric] if c in self.table.columns), None)
 
     def cube(self, metric: str) -> np.ndarray:
+        if metric not in self._cubes:
+            self._cubes[metric] = self._build_cube(metric)
+        return self._cubes[metric]
+
+    def _build_cube(self, metric: str) -> np.ndarray:
         shape = (len(self.sizes), len(self.qualities), len(self.replicates), len(self.methods),
                  len(self.combos))
         column = self.column(metric)
@@ -129,8 +136,12 @@ class Study:
         return chosen or list(range(len(self.methods)))
 
     def cell_means(self, metric: str, methods: list[int]) -> np.ndarray:
-        """[b, size, quality, method, k] over replicates and subsets."""
-        return weighted_cell_means(self.cube(metric)[:, :, :, methods], self.draws, self.onehot)
+        """[b, size, quality, method, k] over replicates and subsets (computed once)."""
+        key = (metric, tuple(methods))
+        if key not in self._means:
+            self._means[key] = weighted_cell_means(self.cube(metric)[:, :, :, methods],
+                                                   self.draws, self.onehot)
+        return self._means[key]
 
     def replicate_counts(self, metric: str, methods: list[int]) -> np.ndarray:
         """[size, quality]: independent replicates with data."""
@@ -335,8 +346,9 @@ def claim_methods_alike(study: Study) -> ClaimResult:
         theta = method_variance(y, w) if len(y) > 1 else np.full(len(w), np.nan)
         n = int(counts[s, qs].min()) if qs else 0
         rows.append({"size": study.sizes[s], "checkpoints per quality": n,
-                     "method variance (noise removed)": f"{theta[0]:+.5f}",
-                     "as a standard deviation": f"{np.sqrt(max(theta[0], 0)):.3f}"})
+                     "method variance (noise removed)": f"{theta[0]:+.5f}" if np.isfinite(theta[0]) else "n/a",
+                     "as a standard deviation": (f"{np.sqrt(max(theta[0], 0)):.3f}"
+                                                 if np.isfinite(theta[0]) else "n/a")})
         if s in sizes:
             per_size.append(theta)
             n_per_size.append(n)
@@ -417,7 +429,7 @@ def _grid_text(study: Study) -> list[str]:
     per_k = pd.Series(study.ks).value_counts().sort_index()
     lines = [
         f"- {len(study.sizes)} size(s) ({', '.join(f'{s} ({p:,.0f} parameters)' if np.isfinite(p) else str(s) for s, p in zip(study.sizes, study.parameters))}); "
-        f"base qualities: {', '.join(map(str, study.qualities))}; "
+        f"base qualities: {', '.join(str(q) or '(unlabelled)' for q in study.qualities)}; "
         f"{_span(have)} independent replicate(s) (trained bases) per size x quality; k in {{{', '.join(f'{k:g}' for k in study.groups)}}} with "
         f"{', '.join(f'{n} subset(s) at k={k:g}' for k, n in per_k.items())}; "
         f"{len(study.methods)} merge methods ({sum(m in PAPER_METHODS for m in study.methods)} of the paper's four).",

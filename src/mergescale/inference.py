@@ -109,15 +109,19 @@ def _counts(picks: np.ndarray, n: int) -> np.ndarray:
 
 def weighted_cell_means(cube: np.ndarray, draws: Draws, subset_onehot: np.ndarray) -> np.ndarray:
     """cube[size, quality, replicate, method, subset] -> means[b, size, quality, method, group]
-    over replicates and the subsets of each group (k), weighted by the draws' counts."""
+    over replicates and the subsets of each group (k), weighted by the draws' weights."""
     present = ~np.isnan(cube)
-    values = np.where(present, cube, 0.0)
     w_sub = draws.subsets[:, :, None] * subset_onehot[None]  # [b, subset, group]
-    num = np.einsum("bsr,bcg,sqrmc->bsqmg", draws.replicates, w_sub, values, optimize=True)
-    den = np.einsum("bsr,bcg,sqrmc->bsqmg", draws.replicates, w_sub, present.astype(float),
-                    optimize=True)
+    n_s, n_q, n_r, n_m, n_c = cube.shape
+
+    def total(values: np.ndarray) -> np.ndarray:
+        # subsets first, as one batched matrix product, then replicates
+        by_group = np.matmul(values.reshape(-1, n_c)[None], w_sub)  # [b, s*q*r*m, group]
+        by_group = by_group.reshape(len(w_sub), n_s, n_q, n_r, n_m, -1)
+        return np.einsum("bsqrmg,bsr->bsqmg", by_group, draws.replicates)
+
     with np.errstate(invalid="ignore", divide="ignore"):
-        return num / den
+        return total(np.where(present, cube, 0.0)) / total(present.astype(float))
 
 
 def slope(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
