@@ -84,10 +84,11 @@ class Study:
             raise FindingsInputError("normalized table has no merged rows (every row is a reference)")
         merged["replicate"] = merged.get("replicate", 0)
         merged["replicate"] = merged["replicate"].fillna(0).astype(int)
+        merged["quality"] = merged.quality.fillna("").astype(str)  # an empty label reads as NaN
         by_size = merged.groupby("size", sort=False).parameters.first()
         sizes = sorted(by_size.index, key=lambda s: (np.nan_to_num(by_size[s], nan=np.inf), str(s)))
         parameters = np.array([by_size[s] for s in sizes], float)
-        qualities = sorted(merged.quality.fillna("").unique(),
+        qualities = sorted(merged.quality.unique(),
                            key=lambda q: (QUALITY_ORDER.index(q) if q in QUALITY_ORDER else 99, q))
         replicates = sorted(merged.replicate.unique())
         methods = sorted(merged.method.unique())

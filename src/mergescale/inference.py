@@ -199,7 +199,8 @@ def decide(comparisons: list[Comparison], alpha: float = ALPHA) -> None:
             c.verdict = DESCRIPTIVE if c.descriptive else INCONCLUSIVE
             n = c.replicates
             c.note = ("one checkpoint per cell" if n <= 1
-                      else f"{n} checkpoints per cell, fewer than {MIN_REPLICATES}")
+                      else f"{n} checkpoints per cell, fewer than {MIN_REPLICATES}"
+                      if n < MIN_REPLICATES else "undefined in some resamples (cells too sparse)")
             continue
         se, est = c.se, c.estimate
         if se > 0:
