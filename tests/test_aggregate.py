@@ -81,3 +81,34 @@ def test_base_labels_reach_every_row_and_latex(files):
         pd.isna(norm.set_index("method").loc["multitask"].merge_seconds)
     tex = summary_latex(norm)
     assert "\\begin{tabular}" in tex and "ties" in tex and "0.625" in tex
+
+
+def test_ratio_of_sums_and_raw_differences_beside_mean_of_ratios(files):
+    df = tidy_scores(files, HELD_IN, HELD_OUT, COMBOS)
+    ties = normalized_scores(df, HELD_IN, HELD_OUT, COMBOS).set_index("method").loc["ties"]
+    assert ties.held_in_ratio_of_sums == pytest.approx((0.5 + 0.6) / (1.0 + 0.8))
+    # the zero base score of min_digit stays in the sums: 0.5 / 0.2, no task dropped
+    assert ties.held_out_ratio_of_sums == pytest.approx((0.3 + 0.2) / (0.2 + 0.0))
+    assert ties.held_out_minus_base == pytest.approx(((0.3 - 0.2) + (0.2 - 0.0)) / 2)
+    assert ties.held_in_minus_expert == pytest.approx(((0.5 - 1.0) + (0.6 - 0.8)) / 2)
+    assert ties.held_in_vs_multitask_ratio_of_sums == pytest.approx(1.1 / 1.7)
+    assert ties.held_out_vs_multitask_ratio_of_sums == pytest.approx(0.5 / 0.6)
+    assert ties.held_out_minus_multitask == pytest.approx(((0.3 - 0.4) + (0.2 - 0.2)) / 2)
+    assert ties.held_in_low_multitask_tasks == 0 and ties.held_out_low_multitask_tasks == 0
+
+
+def test_vs_multitask_only_where_the_multitask_model_is_above_chance(tmp_path):
+    files = [
+        _write(tmp_path, "bases/b", {"first_letter": 0.1, "max_digit": 0.5, "second_letter": 0.2, "min_digit": 0.3}),
+        _write(tmp_path, "experts/b/first_letter", {"first_letter": 1.0, "max_digit": 0.4, "second_letter": 0.1, "min_digit": 0.1}),
+        _write(tmp_path, "experts/b/max_digit", {"first_letter": 0.1, "max_digit": 0.8, "second_letter": 0.1, "min_digit": 0.3}),
+        # the multitask model forgot min_digit (0.01 < chance threshold 0.05)
+        _write(tmp_path, "multitask/b/k2s0", {"first_letter": 0.9, "max_digit": 0.8, "second_letter": 0.4, "min_digit": 0.01}),
+        _write(tmp_path, "merged/b/ties/k2s0", {"first_letter": 0.5, "max_digit": 0.6, "second_letter": 0.3, "min_digit": 0.2}),
+    ]
+    df = tidy_scores(files, HELD_IN, HELD_OUT, COMBOS)
+    ties = normalized_scores(df, HELD_IN, HELD_OUT, COMBOS).set_index("method").loc["ties"]
+    assert ties.held_out_vs_multitask == pytest.approx(0.3 / 0.4)  # 0.2 / 0.01 = 20 is not averaged in
+    assert ties.held_out_vs_multitask_ratio_of_sums == pytest.approx(0.3 / 0.4)
+    assert ties.held_out_low_multitask_tasks == 1
+    assert ties.held_out_minus_multitask == pytest.approx(((0.3 - 0.4) + (0.2 - 0.01)) / 2)

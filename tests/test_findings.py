@@ -1,107 +1,154 @@
-"""Findings are computed from the data: constructed tables with a known effect must give
-the matching verdict, and no effect must give an inconclusive one."""
+"""Findings: the statistics (Holm, resampling weights, method variance, verdict rules)
+on known answers, and the claims on simulated studies (tests/simulate_study.py) and
+through `mergescale findings`. Calibration over many simulated worlds:
+test_findings_calibration.py."""
+
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from mergescale.findings import (
-    bootstrap_mean,
-    claim_held_out,
-    claim_larger_merge_easier,
-    claim_methods_alike,
-    claim_more_experts,
-    claim_strong_bases,
-    findings_markdown,
-)
+from mergescale.cli import main
+from mergescale.findings import Study, analyse, findings_markdown, method_variance
+from mergescale.inference import (
+    EQUIVALENT, INCONCLUSIVE, REFUTED, SUPPORTED, ClaimResult, Comparison, claim_verdict, decide,
+    draw_weights, holm)
 from mergescale.plots import plot_base_quality, plot_merged_vs_multitask, plot_normalized_vs_k
+from simulate_study import Truth, simulate_study
 
-SIZES = {"s": 1_000, "l": 8_000}
-
-
-def _table(effect_of_size=0.0, effect_of_quality=0.0, slope=-0.1, slope_gain=0.0,
-           method_gap=0.2, noise=0.02, seed=0):
-    """normalized.csv rows for 2 sizes x 2 qualities x 3 methods x k in {2,4,6} x 4 subsets."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for size, params in SIZES.items():
-        large = size == "l"
-        for quality in ("pretrained", "instruct"):
-            base = f"{size}-{quality}"
-            rows.append({"base": base, "size": size, "quality": quality, "parameters": params,
-                         "method": "base", "reference": True, "combo": "k2s0", "k": 2,
-                         "held_in_raw": 0.1 + (0.2 if quality == "instruct" else 0) + (0.1 if large else 0),
-                         "held_out_raw": 0.2, "held_in_normalized": 0.1, "held_out_normalized": 1.0,
-                         "held_in_vs_multitask": 0.1, "held_out_vs_multitask": 1.0})
-            for m, method in enumerate(("a", "b", "c")):
-                for k in (2, 4, 6):
-                    for s in range(4):
-                        hi = (0.8 + slope * (k - 2) / 2 + (slope_gain * (k - 2) / 2 if large else 0)
-                              + (effect_of_size if large else 0)
-                              + (effect_of_quality if quality == "instruct" else 0)
-                              - method_gap * m * (0.25 if large else 1.0)
-                              + rng.normal(0, noise))
-                        rows.append({"base": base, "size": size, "quality": quality,
-                                     "parameters": params, "method": method, "reference": False,
-                                     "combo": f"k{k}s{s}", "k": k, "held_in_raw": hi,
-                                     "held_out_raw": 0.3, "held_in_normalized": hi,
-                                     "held_out_normalized": 1.2 + rng.normal(0, noise),
-                                     "held_in_vs_multitask": hi,
-                                     "held_out_vs_multitask": 0.9 + rng.normal(0, noise)})
-    return pd.DataFrame(rows)
+CLEAR = Truth(quality_step=0.1, size_gain=0.1, held_out_gain=0.1, k_slope_gain=0.02, method_sd_small=0.08)
 
 
-def test_bootstrap_of_constant_is_exact():
-    mean, low, high = bootstrap_mean(np.full(10, 0.3))
-    assert mean == low == high == pytest.approx(0.3)
-    assert np.isnan(bootstrap_mean(np.array([0.5]))[1])
+def test_holm_known_answer():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([]) == []
 
 
-def test_size_effect_is_found_and_its_absence_is_not():
-    # method_gap=0: the table's method gaps also differ by size, which is another effect
-    verdicts = [c.verdict for c in claim_larger_merge_easier(_table(effect_of_size=0.1, method_gap=0))]
-    assert verdicts == ["supported", "supported"]
-    (flip,) = {c.verdict for c in claim_larger_merge_easier(_table(effect_of_size=-0.1, method_gap=0))}
-    assert flip == "refuted"
-    none = claim_larger_merge_easier(_table(effect_of_size=0.0, method_gap=0.0, noise=0.05))
-    assert all(c.verdict.startswith("inconclusive") for c in none)
+def test_rescaled_weights_give_the_unbiased_variance_of_a_mean():
+    present = np.ones((1, 3))
+    draws = draw_weights(present, np.zeros(3), n_bootstrap=20000, seed=1)
+    assert (draws.replicates[0] == 1).all() and (draws.subsets[0] == 1).all()
+    assert draws.replicates[1:].sum(axis=2) == pytest.approx(3)   # weights keep the total
+    values = np.array([0.2, 0.5, 0.9])
+    means = draws.replicates[1:, 0] @ values / 3
+    assert means.var() == pytest.approx(values.var(ddof=1) / 3, rel=0.05)
+    again = draw_weights(present, np.zeros(3), n_bootstrap=20000, seed=1)
+    assert (again.replicates == draws.replicates).all()   # seeded, deterministic
 
 
-def test_strong_base_claim_orders_bases_by_zero_shot_strength():
-    results = claim_strong_bases(_table(effect_of_quality=0.15))
-    held_in = [c for c in results if "held_in_normalized" in c.label]
-    assert len(held_in) == 2  # one pair per size
-    assert all(c.verdict == "supported" and c.mean == pytest.approx(0.15, abs=0.02) for c in held_in)
-    assert all("instruct" in c.label.split(" - ")[0] for c in held_in)
+def test_subsets_are_resampled_within_their_k():
+    draws = draw_weights(np.ones((2, 3)), np.array([2, 2, 2, 4]), n_bootstrap=500, seed=0)
+    assert draws.subsets[1:, :3].sum(axis=1) == pytest.approx(3)
+    assert (draws.subsets[:, 3] == 1).all()   # one subset at k=4: nothing to resample
 
 
-def test_held_out_claims_against_base_and_multitask():
-    results = {c.label: c for c in claim_held_out(_table())}
-    vs_base = [c for label, c in results.items() if "/ base" in label]
-    vs_mt = [c for label, c in results.items() if "multitask" in label]
-    assert all(c.verdict == "supported" and c.mean == pytest.approx(0.2, abs=0.02) for c in vs_base)
-    assert all(c.verdict == "refuted" for c in vs_mt)
+def test_method_variance_removes_the_noise():
+    rng = np.random.default_rng(0)
+    offsets = np.array([0.1, 0.0, -0.05, -0.05])
+    exact = method_variance(np.tile(offsets, (30, 1)) + rng.normal(0, 1, (30, 1)), np.ones((1, 30)))
+    assert exact[0] == pytest.approx(offsets.var(ddof=1))   # unit effects cancel
+    noise_only = [method_variance(rng.normal(0, 0.2, (30, 4)), np.ones((1, 30)))[0] for _ in range(2000)]
+    assert abs(np.mean(noise_only)) < 0.0005   # raw between-method variance would be 0.2^2/30 = 0.0013
 
 
-def test_more_experts_compares_slopes():
-    (c, *_rest) = claim_more_experts(_table(slope=-0.1, slope_gain=0.08))
-    assert c.verdict == "supported"
-    assert c.mean == pytest.approx(0.08 / 2, abs=0.01)  # per extra expert: the table steps k by 2
+def _comparison(estimate, spread, replicates=3, direction=1):
+    draws = np.concatenate([[estimate], estimate + np.linspace(-spread, spread, 201)])
+    return Comparison(1, "c", draws, replicates, replicates - 1, direction)
 
 
-def test_methods_alike_spread_shrinks_with_size():
-    comparisons, spreads = claim_methods_alike(_table(method_gap=0.2))
-    shrink = [c for c in comparisons if c.label.startswith("method spread")]
-    assert len(shrink) == 2 and all(c.verdict == "supported" for c in shrink)
-    assert set(spreads.best) == {"a"} and set(spreads.worst) == {"c"}
+def test_verdict_rules():
+    big, tiny, flipped, noisy, single = (_comparison(0.2, 0.01), _comparison(0.005, 0.001),
+                                         _comparison(-0.2, 0.01), _comparison(0.1, 1.0),
+                                         _comparison(0.2, 0.01, replicates=1))
+    decide([big, tiny, flipped, noisy, single])
+    assert big.verdict == SUPPORTED and flipped.verdict == REFUTED
+    assert tiny.verdict == EQUIVALENT and noisy.verdict == INCONCLUSIVE
+    assert single.verdict == INCONCLUSIVE and "one checkpoint" in single.note
+    assert big.low > 0 and noisy.low < 0 < noisy.high
+    both = ClaimResult(1, "t", [big, flipped])
+    claim_verdict(both)
+    assert both.verdict == INCONCLUSIVE and both.summary.startswith("Mixed")
 
 
-def test_findings_document_and_figures(tmp_path):
-    table = _table(effect_of_size=0.1, effect_of_quality=0.1)
-    text = findings_markdown(table)
+def test_a_significant_effect_inside_the_rope_is_not_supported():
+    small = _comparison(0.01, 0.002)
+    decide([small])
+    assert small.p_holm < 0.05 and small.verdict == EQUIVALENT
+
+
+def test_clear_effects_are_supported_and_a_null_world_is_not():
+    _, clear = analyse(simulate_study(np.random.default_rng(3), CLEAR), n_bootstrap=300)
+    assert [r.verdict for r in clear] == [SUPPORTED] * 5
+    _, null = analyse(simulate_study(np.random.default_rng(4)), n_bootstrap=300)
+    assert not {r.verdict for r in null} & {SUPPORTED, REFUTED}
+
+
+def test_single_checkpoints_get_no_verdict_and_the_text_says_so():
+    table = simulate_study(np.random.default_rng(5), CLEAR, replicates=1)
+    _, results = analyse(table, n_bootstrap=200)
+    assert {r.verdict for r in results} == {INCONCLUSIVE}
+    text = findings_markdown(table, n_bootstrap=200)
+    assert "## What this grid can and cannot test" in text
+    assert "describe single checkpoints" in text
     for n in range(1, 6):
         assert f"## {n}." in text
-    assert "supported" in text
+
+
+def test_measured_zero_shot_order_is_checked_against_the_labels():
+    table = simulate_study(np.random.default_rng(6))
+    is_short_base = (table.method == "base") & (table.quality == "short")
+    table.loc[is_short_base, ["held_in_raw", "held_out_raw"]] = 0.9   # short looks strongest
+    _, results = analyse(table, n_bootstrap=100)
+    assert any("disagrees with the labels" in n and "pretrained" in n for n in results[0].notes)
+
+
+def test_method_claim_uses_the_papers_four_methods_only():
+    table = simulate_study(np.random.default_rng(7))
+    other = table[table.method == "ties"].assign(method="twin_merging")
+    other["held_in_ratio_of_sums"] += np.where(other["size"] == "s", 0.5, 0.0)   # far off at size s
+    _, alone = analyse(table, n_bootstrap=100)
+    _, with_other = analyse(pd.concat([table, other]), n_bootstrap=100)
+    assert alone[4].comparisons[0].estimate == pytest.approx(with_other[4].comparisons[0].estimate)
+    assert "twin_merging" in findings_markdown(pd.concat([table, other]), n_bootstrap=100)
+
+
+def test_replicate_labels_shared_by_two_bases_are_reported():
+    table = simulate_study(np.random.default_rng(8))
+    twin = table[table.base == "tiny-s-short-r0"].assign(base="tiny-s-short-copy")
+    study = Study.from_table(pd.concat([table, twin]), n_bootstrap=10)
+    assert any("share size s, quality short, replicate 0" in n for n in study.notes)
+
+
+def test_cli_findings_json_and_markdown(tmp_path, capsys):
+    csv = tmp_path / "normalized.csv"
+    simulate_study(np.random.default_rng(9), CLEAR).to_csv(csv, index=False)
+    out = tmp_path / "findings.md"
+    assert main(["findings", str(csv), "-o", str(out), "--json", "--bootstrap", "300"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    claims = {r["claim"]: r for r in records if r["comparison"] == "claim"}
+    assert sorted(claims) == [1, 2, 3, 4, 5] and claims[2]["verdict"] == SUPPORTED
+    for r in records:
+        assert {"claim", "comparison", "estimate", "low", "high", "verdict"} <= set(r)
+    assert out.read_text().startswith("# Findings")
+    # the same code as the workflow's rule: identical text for identical input
+    assert main(["findings", str(csv), "--bootstrap", "300"]) == 0
+    assert capsys.readouterr().out.strip() == out.read_text().strip()
+
+
+def test_cli_findings_bad_input(tmp_path, capsys):
+    assert main(["findings", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"base": ["b"], "method": ["ties"]}).to_csv(bad, index=False)
+    assert main(["findings", str(bad)]) == 2
+    assert "missing column(s)" in capsys.readouterr().err
+
+
+def test_figures_from_a_study_table(tmp_path):
+    table = simulate_study(np.random.default_rng(10), CLEAR)
+    table["held_in_vs_multitask"] = table.held_in_normalized
+    table["held_out_vs_multitask"] = table.held_out_vs_multitask_ratio_of_sums
     plot_normalized_vs_k(table, "instruct", tmp_path / "nk.png")
     plot_merged_vs_multitask(table, tmp_path / "mt.png")
     plot_base_quality(table, tmp_path / "bq.png")

@@ -3,8 +3,9 @@
 Normalisation follows Yadav et al. (2024): a merged model's held-in score on task t is
 divided by the score of t's own expert; its held-out score by the base model's score;
 both are also reported relative to the multitask model trained on the same expert
-subset. Ratios whose denominator is zero are left out of the mean (and counted), never
-silently turned into zeros.
+subset. Ratios whose denominator is below MIN_DENOMINATOR are left out of the mean (and
+counted), never silently turned into zeros; a ratio of sums and a raw difference stand
+beside each mean of ratios. docs/findings.md documents every column of normalized.csv.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ KINDS = {"bases": "base", "experts": "expert", "multitask": "multitask", "merged
          "ensembles": "ensemble", "sparse": "sparse"}
 # Rows of normalized.csv that are references, not merge methods.
 REFERENCES = ("base", "multitask", "ensemble")
+# A denominator score below this counts as near zero (exact match 0.05 = 10 of 200 test
+# examples): a ratio over it says more about the denominator's noise than about the
+# numerator, so it is dropped from a mean of ratios and counted.
+MIN_DENOMINATOR = 0.05
+# Chance on a generative exact-match task is about 0; a multitask model is "above chance"
+# on a task when it scores at least this. 'vs multitask' uses only such tasks.
+MULTITASK_CHANCE = MIN_DENOMINATOR
 
 
 def describe_model(path: str) -> dict:
@@ -113,11 +121,44 @@ def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
 
 
 def _ratio_mean(num: pd.Series, den: pd.Series) -> tuple[float, int]:
-    """Mean of num/den over entries with den > 0, and how many entries were dropped."""
-    ok = den > 0
+    """Mean of num/den over entries with den >= MIN_DENOMINATOR, and how many were dropped."""
+    ok = den >= MIN_DENOMINATOR
     if not ok.any():
         return float("nan"), int((~ok).sum())
     return float((num[ok] / den[ok]).mean()), int((~ok).sum())
+
+
+def _ratio_of_sums(num: pd.Series, den: pd.Series, keep: pd.Series | None = None) -> float:
+    """sum(num) / sum(den) over tasks with both scores (and `keep`); NaN when the mean
+    denominator is below MIN_DENOMINATOR. One weak task cannot blow it up."""
+    ok = num.notna() & den.notna() & (True if keep is None else keep)
+    if not ok.any() or den[ok].mean() < MIN_DENOMINATOR:
+        return float("nan")
+    return float(num[ok].sum() / den[ok].sum())
+
+
+def _mean_difference(num: pd.Series, den: pd.Series) -> float:
+    diff = (num - den).dropna()
+    return float(diff.mean()) if len(diff) else float("nan")
+
+
+def robust_columns(hi: pd.Series, ho: pd.Series, expert: pd.Series, base: pd.Series,
+                   multi_in: pd.Series, multi_out: pd.Series) -> dict:
+    """Ratio-of-sums and raw-difference columns of one model (tasks aligned by index), and
+    the counts of tasks a 'vs multitask' ratio leaves out (multitask at or below chance)."""
+    above_in, above_out = multi_in >= MULTITASK_CHANCE, multi_out >= MULTITASK_CHANCE
+    return {
+        "held_in_ratio_of_sums": _ratio_of_sums(hi, expert),
+        "held_out_ratio_of_sums": _ratio_of_sums(ho, base),
+        "held_in_vs_multitask_ratio_of_sums": _ratio_of_sums(hi, multi_in, above_in),
+        "held_out_vs_multitask_ratio_of_sums": _ratio_of_sums(ho, multi_out, above_out),
+        "held_in_minus_expert": _mean_difference(hi, expert),
+        "held_out_minus_base": _mean_difference(ho, base),
+        "held_in_minus_multitask": _mean_difference(hi, multi_in),
+        "held_out_minus_multitask": _mean_difference(ho, multi_out),
+        "held_in_low_multitask_tasks": int((~above_in).sum()),
+        "held_out_low_multitask_tasks": int((~above_out).sum()),
+    }
 
 
 def _scores_of(group: pd.DataFrame, **where) -> pd.Series:
@@ -153,6 +194,9 @@ def normalized_scores(scores: pd.DataFrame, held_in: list[str], held_out: list[s
                 ho_norm, ho_drop = _ratio_mean(ho, base_score.reindex(held_out))
                 hi_mt, _ = _ratio_mean(hi, multi.reindex(tasks_in))
                 ho_mt, _ = _ratio_mean(ho, multi.reindex(held_out))
+                robust = robust_columns(hi, ho, expert_score.reindex(tasks_in),
+                                        base_score.reindex(held_out), multi.reindex(tasks_in),
+                                        multi.reindex(held_out))
                 out.append({
                     "base": base, "size": first_of_base["size"], "quality": first_of_base["quality"],
                     "replicate": first_of_base["replicate"], "parameters": first_of_base["parameters"],
@@ -163,6 +207,7 @@ def normalized_scores(scores: pd.DataFrame, held_in: list[str], held_out: list[s
                     "held_in_normalized": hi_norm, "held_out_normalized": ho_norm,
                     "held_in_vs_multitask": hi_mt, "held_out_vs_multitask": ho_mt,
                     "held_out_zero_base_tasks": ho_drop, "held_in_zero_expert_tasks": hi_drop,
+                    **robust,
                     **{c: None if first is None else first[c] for c in COST_COLUMNS},
                 })
     return pd.DataFrame(out).sort_values(["base", "method", "k", "combo"]).reset_index(drop=True)

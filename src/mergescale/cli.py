@@ -1,4 +1,5 @@
-"""Command line: `mergescale merge CONFIG.yaml OUT_DIR`, `mergescale methods [--json]`.
+"""Command line: `mergescale merge CONFIG.yaml OUT_DIR`, `mergescale methods [--json]`,
+`mergescale findings NORMALIZED_CSV [-o findings.md] [--json]`.
 
 Each subcommand is a `_cmd_*` function registered in `_build_parser`; add new ones there.
 User errors (bad config, bad checkpoint) exit with status 2 and one line on stderr; a
@@ -53,6 +54,19 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_findings(args: argparse.Namespace) -> int:
+    from mergescale.findings import write_findings
+
+    text, records = write_findings(args.normalized_csv, args.output, n_bootstrap=args.bootstrap,
+                                   seed=args.seed)
+    if args.json:
+        json.dump(records, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif args.output is None:
+        print(text)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergescale", description="Model merging at scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,18 +84,30 @@ def _build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list merge methods and their hyperparameters")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
     methods.set_defaults(func=_cmd_methods)
+
+    findings = sub.add_parser("findings", help="test the paper's claims on a normalized.csv "
+                              "(the workflow's findings rule runs the same code)")
+    findings.add_argument("normalized_csv", help="results/tables/normalized.csv")
+    findings.add_argument("-o", "--output", default=None, help="write the findings markdown here")
+    findings.add_argument("--json", action="store_true",
+                          help="print a JSON list: one object per comparison and one per claim "
+                               "(comparison \"claim\")")
+    findings.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default 2000)")
+    findings.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    findings.set_defaults(func=_cmd_findings)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from mergescale.findings import FindingsInputError
     from mergescale.io_utils import OutputWriteError
     from mergescale.merge import MergeInputError
 
     try:
         return args.func(args)
-    except MergeInputError as e:
+    except (MergeInputError, FindingsInputError) as e:
         print(f"mergescale {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OutputWriteError as e:
