@@ -54,7 +54,7 @@ COLUMNS = {
 LABELS = {"held_in": "held-in\n(merged ÷ expert)", "held_out": "held-out\n(merged ÷ base)",
           "held_in_vs_multitask": "held-in\n(merged ÷ multitask)",
           "held_out_vs_multitask": "held-out\n(merged ÷ multitask)"}
-SMALL_DPI = 90       # docs/figures: readable on a page, well under 150 KB once quantised
+SMALL_DPI = 100      # docs/figures: readable on a page, well under 150 KB once quantised
 FULL_DPI = 150
 
 

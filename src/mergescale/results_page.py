@@ -100,7 +100,7 @@ def _run_lines(run: dict | None, table_path: Path) -> list[str]:
         written = pd.Timestamp(table_path.stat().st_mtime, unit="s", tz="UTC")
         return [f"- Date: tables written {written:%Y-%m-%d %H:%M} UTC.",
                 "- Commit, machine, wall time: not recorded (the run has no `run.json`; "
-                "`make run` and `make study` write it)."]
+                "`make study` writes it)."]
     start, end = parse_time(run["start"]), parse_time(run["end"])
     commit = run.get("commit") or "not recorded"
     if run.get("commit") and run.get("dirty"):
