@@ -137,10 +137,11 @@ def _legend(fig, axes, title: str | None = None, ncol: int | None = None) -> Non
                 handles[label] = h
                 labels.append(label)
     if labels:
-        # as many columns as the figure's width holds (about 1.5 inches per entry)
-        fit = max(2, int(fig.get_figwidth() / 1.5))
+        # as many columns as the figure's width holds (about 1.5 inches per entry), rows balanced
+        fit = min(ncol or 4, max(2, int(fig.get_figwidth() / 1.5)), len(labels))
+        rows = -(-len(labels) // fit)
         fig.legend([handles[label] for label in labels], labels, loc="outside lower center",
-                   ncol=min(ncol or 4, fit, len(labels)), frameon=False, title=title,
+                   ncol=-(-len(labels) // rows), frameon=False, title=title,
                    title_fontsize="small", fontsize="small")
 
 
