@@ -176,3 +176,39 @@ def test_workflow_figures_from_a_study_table(tmp_path):
         assert (tmp_path / f"{name}.pdf").exists()
     assert set(METHOD_COLOURS) >= set(PAPER_METHODS)
     assert len({METHOD_COLOURS[m] for m in PAPER_METHODS}) == 4
+
+
+@pytest.mark.parametrize("sizes", [("s",), ("s", "m", "l")])
+def test_figures_clip_nothing(sizes, monkeypatch, tmp_path):
+    """Every title, label, tick label and legend entry lies inside the figure, and the
+    legend overlaps no panel: the faults of the earlier figures (a title cut at both ends,
+    a legend over the x label and cut at the left)."""
+    import matplotlib.text
+
+    import mergescale.plots as plots
+
+    checked = []
+
+    def check(fig, out, small=False):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        # the bounding box of everything drawn (ticks outside the view limits are not drawn)
+        drawn, size = fig.get_tightbbox(renderer), fig.get_size_inches()
+        assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01, (out.name, drawn)
+        assert drawn.x1 <= size[0] + 0.01 and drawn.y1 <= size[1] + 0.01, (out.name, drawn)
+        titles = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text().strip()]
+        assert titles
+        for legend in fig.legends:
+            frame = legend.get_window_extent(renderer)
+            for ax in fig.axes:
+                assert not frame.overlaps(ax.get_window_extent(renderer)), out.name
+        checked.append(out.name)
+        plots.plt.close(fig)
+
+    monkeypatch.setattr(plots, "_save", check)
+    table = simulate_normalized(np.random.default_rng(8), CLEAR, other_methods=OTHER_METHODS, sizes=sizes)
+    plot_normalized_vs_k(table, "instruct", tmp_path / "nk.png")
+    plot_merged_vs_multitask(table, tmp_path / "mt.png")
+    plot_base_quality(table, tmp_path / "bq.png")
+    plot_other_methods(table, tmp_path / "om.png")
+    assert checked == ["nk.png", "mt.png", "bq.png", "om.png"]
