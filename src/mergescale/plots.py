@@ -422,10 +422,11 @@ def plot_map_front(front: pd.DataFrame, out: Path) -> None:
             ax.set_xlabel(f"{a} (validation)")
             ax.set_ylabel(f"{b} (validation)")
         else:
-            for kind, marker in (("probe", "o"), ("selected", "s")):
+            for kind, marker, colour in (("probe", "o", OKABE_ITO["blue"]),
+                                         ("selected", "s", OKABE_ITO["vermillion"])):
                 w = wide[kind]
                 ax.plot(w["predicted"].mean(axis=1), w["measured"].mean(axis=1), marker, ls="none",
-                        label=f"{kind} (mean over {len(tasks)} tasks)")
+                        color=colour, label=f"{kind} (mean over {len(tasks)} tasks)")
             ax.plot([0, 1], [0, 1], color="black", lw=0.5)
             ax.set_xlabel("predicted mean (validation)")
             ax.set_ylabel("measured mean (validation)")
