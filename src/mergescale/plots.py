@@ -38,7 +38,7 @@ METHOD_COLOURS = {"average": OKABE_ITO["blue"], "task_arithmetic": OKABE_ITO["or
                   "ties": OKABE_ITO["green"], "dare_ties": OKABE_ITO["purple"],
                   "opcm": OKABE_ITO["vermillion"]}
 OTHER_METHOD_COLOUR = "#5f5f5f"  # methods beyond the paper's four share one neutral colour
-REFERENCES = {"multitask": ("multitask model", {"color": "black", "ls": "--", "lw": 1.2}),
+REFERENCE_LINES = {"multitask": ("multitask model", {"color": "black", "ls": "--", "lw": 1.2}),
               "base": ("base (zero-shot)", {"color": "#8c8c8c", "ls": ":", "lw": 1.5})}
 # Base qualities are ordinal: light to dark grey, weaker to stronger.
 QUALITY_SHADES = ("#e3e3e3", "#a6a6a6", "#5a5a5a")
@@ -203,14 +203,14 @@ def plot_normalized_vs_k(normalized: pd.DataFrame, quality: str, out: Path, smal
                 s = over_replicates(at[at.method == method], column, ["k"])
                 counts += list(s.replicates)
                 _draw(ax, s, offset, method_colour(method), method)
-            for ref, (label, style) in REFERENCES.items():
+            for ref, (label, style) in REFERENCE_LINES.items():
                 s = over_replicates(at[at.method == ref], column, ["k"])
                 if len(s):
                     ax.plot(s.k, s["mean"], label=label, **style)
     _k_axes(fig, axes, ks, metrics)
     note = interval_note(counts)
     fig.suptitle(f"Merging {quality} bases: normalised score against experts merged")
-    _legend(fig, axes, title=note, ncol=len(methods) + len(REFERENCES))
+    _legend(fig, axes, title=note, ncol=len(methods) + len(REFERENCE_LINES))
     _save(fig, out, small)
     return note
 
@@ -240,7 +240,7 @@ def plot_merged_vs_multitask(normalized: pd.DataFrame, out: Path, small: bool = 
                 _no_data(ax, "undefined: the multitask model\nis at chance on every task")
     _k_axes(fig, axes, sorted(data.k.unique()), metrics)
     for ax in axes.flat:  # the reference line is the multitask model itself
-        ax.axhline(1.0, label="multitask model", **REFERENCES["multitask"][1])
+        ax.axhline(1.0, label="multitask model", **REFERENCE_LINES["multitask"][1])
     note = interval_note(counts)
     fig.suptitle("Merged models relative to the multitask model of the same expert subset"
                  + (f"\n(mean over base qualities: {', '.join(qualities)})" if len(qualities) > 1 else ""))
