@@ -13,7 +13,7 @@ import yaml
 
 from mergescale.config import ConfigError, check_schema, check_semantics, load_config
 from test_hub import tiny_checkpoint
-from workflow_helpers import REPO, SMOKE_CONFIG, planned_jobs, snakemake
+from workflow_helpers import REPO, SMOKE_CONFIG, planned_job_resources, planned_jobs, snakemake
 
 CONFIGS = {"mergebench": REPO / "config" / "mergebench.yaml", "scale": REPO / "config" / "scale.yaml"}
 
@@ -58,6 +58,61 @@ def test_cluster_config_validates_and_plans(name, tmp_path):
     print(f"\n{name}: {sum(jobs.values())} jobs planned in {seconds:.1f} s ({cpu_s:.1f} s CPU): {jobs}")
     assert jobs == expected_jobs(config)
     assert seconds < 60
+
+
+# The largest base of each cluster config, from its published config.json: parameters
+# and the largest tensor (the embedding), independent of mergescale.resources.
+LARGEST = {"mergebench": ("gemma-2-9b", 9.24e9, 256000 * 3584),
+           "scale": ("qwen2.5-14b", 14.77e9, 152064 * 5120)}
+# Rules that run on the submit host (localrules) and hold no model.
+LIGHT = {"download_base", "download_expert", "export_lm_eval_split", "make_task_data", "render_task",
+         "render_lm_eval_validation", "ensemble", "unbatch_scores", "aggregate", "findings", "plot", "all"}
+
+
+def _held_bytes(rule: str, work, k: int, params: float, embedding: int) -> float:
+    """What a job must hold at least (bf16 checkpoints): the rule used by the test."""
+    if work.kind == "train":
+        return params * 4  # the float32 weights
+    if work.kind == "stats":
+        return params * 4  # float32 weights (and gradients)
+    if work.kind == "stream":
+        return (k + 1) * embedding * 2  # one tensor of the base and of each expert
+    if work.kind == "convert":
+        return 2 * params * 2
+    if work.kind == "fit" and rule != "tune":
+        return (k + 1) * params * 2  # the base and k experts
+    return params * 2  # one model
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cluster_jobs_are_sized_and_placed(name, tmp_path):
+    """Planned with the SLURM profile: forward passes ask for a GPU and nothing else does;
+    memory covers what each job holds for the largest base; no tiny-tier constant left."""
+    from mergescale.merge import get_method
+    from mergescale.resources import WORK, merge_work
+
+    config = load_config(CONFIGS[name])
+    methods = config["merge"]["methods"]
+    jobs = planned_job_resources(tmp_path, "--profile", "workflow/profiles/slurm", config=CONFIGS[name])
+    largest, params, embedding = LARGEST[name]
+    seen = set()
+    for job in jobs:
+        rule, wc, res = job["rule"], job["wildcards"], job["resources"]
+        if rule not in WORK:
+            assert rule in LIGHT, f"{rule}: a job the workflow does not size"
+            continue
+        work = merge_work(get_method(methods[wc["method"]]["method"])) if rule == "merge" else WORK[rule]
+        assert res["gpu"] == int(work.forward), (rule, wc, res)
+        assert res["mem_mb"] > 4000 and res["runtime"] > 15, (rule, wc, res)  # no tiny-tier figure
+        base = wc.get("base") or next(iter(v.split("/")[1] for v in wc.values()), None)
+        if base == largest:
+            combo = wc.get("combo") or ""
+            k = int(combo[1:combo.index("s")]) if combo else 1
+            assert res["mem_mb"] * 2**20 >= _held_bytes(rule, work, k, params, embedding), (rule, wc, res)
+            seen.add(rule)
+    heavy = {job["rule"] for job in jobs if job["rule"] in WORK}
+    assert seen == heavy  # every sized rule has jobs on the largest base
+    print(f"\n{name}: {len(jobs)} jobs; sized rules on {largest}: {sorted(seen)}")
 
 
 def test_scale_grid_is_the_papers():

@@ -239,7 +239,8 @@ def check_gpu_placement(forward_rules: list[str], declared_gpus: int | None,
     if declared_gpus:
         for rule in forward_rules:
             value = (overrides.get(rule) or {}).get("gpu")
-            if value is not None and not int(value):
+            value = getattr(value, "value", value)  # a snakemake Resource, or a plain number
+            if value is not None and not isinstance(value, str) and not value:
                 raise ResourceError(
                     f"profile key set-resources.{rule}.gpu: 0, but {rule} runs forward passes "
                     f"and the run declares {declared_gpus} GPUs; remove the entry")

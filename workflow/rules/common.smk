@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from mergescale.combos import expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
+from mergescale.evaluate import check_backend
 from mergescale.grid import base_labels, finetune_settings, instruct_tasks
 from mergescale.atlas_study import atlas_plan
 from mergescale.cross_seed_study import cross_seed_plan
@@ -17,6 +18,7 @@ from mergescale.merge import get_method
 from mergescale.resources import (
     WORK as RESOURCE_WORK,
     Work,
+    check_gpu_placement,
     cpus_for,
     gpus_for,
     memory_mb,
@@ -29,6 +31,7 @@ from mergescale.sources import (
     fetched_bases,
     has_multitask,
     lm_eval_specs,
+    lm_eval_split_tasks,
     model_ref,
     procedural_tasks,
 )
@@ -323,3 +326,17 @@ def evaluate_work(wildcards):
     if kind == "merged" and rest[0] in METHODS and METHODS[rest[0]].get("rule") == "twin_merging":
         return Work("evaluate", models=lambda k: k + 1)
     return RESOURCE_WORK["evaluate"]
+
+
+# Fail before any job runs: what the jobs need that the profile or this environment
+# cannot give. The profile is checked when the workflow is parsed; the environment when
+# jobs are about to run (a dry run only plans, e.g. on a login node without vllm).
+FORWARD_RULES = [r for r, w in RESOURCE_WORK.items() if w.forward] + (
+    ["merge"] if any(merge_work(get_method(s["method"])).forward for s in METHODS.values() if "method" in s) else []
+)
+check_gpu_placement(FORWARD_RULES, DECLARED_GPUS, workflow.resource_settings.overwrite_resources or {}, cluster=False)
+
+
+onstart:
+    check_backend(config["evaluate"]["backend"])
+    check_gpu_placement(FORWARD_RULES, DECLARED_GPUS, {}, cluster=workflow.non_local_exec)
