@@ -30,6 +30,11 @@ def expected_jobs(config: dict) -> dict[str, int]:
     trained_experts = len(bases) - fetched_experts
     multitask = "multitask" in config.get("finetune", {})
     ensemble = config.get("evaluate", {}).get("ensemble", True)
+    from mergescale.merge import get_method
+
+    registered = [get_method(m["method"]) for m in config["merge"]["methods"].values() if "method" in m]
+    tuned = any(m.get("tune") for m in config["merge"]["methods"].values())
+    validation = tuned or any(m.needs_data or m.needs_stats_rule for m in registered)
     counts = {
         "download_base": sum(1 for b in bases.values() if b["source"] in ("hub", "local")),
         "download_expert": fetched_experts * len(held_in),
@@ -37,6 +42,9 @@ def expected_jobs(config: dict) -> dict[str, int]:
         "finetune_multitask": len(bases) * n_combos if multitask else 0,  # one per subset
         "export_lm_eval_train": sum(1 for t in held_in if "train" in lm_eval.get(t, {}))
         if (trained_experts or multitask) else 0,
+        "export_lm_eval_validation": len(held_in) if validation else 0,
+        "render_lm_eval_validation": len(held_in) if tuned else 0,
+        "compute_stats": len(bases) * len(held_in) if any(m.needs_stats_rule for m in registered) else 0,
         "merge": len(bases) * n_methods * n_combos,
         "tune": len(bases) * n_combos * sum(bool(m.get("tune")) for m in config["merge"]["methods"].values()),
         "ensemble": len(bases) * n_combos * int(ensemble),
@@ -65,7 +73,8 @@ def test_cluster_config_validates_and_plans(name, tmp_path):
 LARGEST = {"mergebench": ("gemma-2-9b", 9.24e9, 256000 * 3584),
            "scale": ("qwen2.5-14b", 14.77e9, 152064 * 5120)}
 # Rules that run on the submit host (localrules) and hold no model.
-LIGHT = {"download_base", "download_expert", "export_lm_eval_split", "make_task_data", "render_task",
+LIGHT = {"download_base", "download_expert", "export_lm_eval_train", "export_lm_eval_validation",
+         "make_task_data", "render_task",
          "render_lm_eval_validation", "ensemble", "unbatch_scores", "aggregate", "findings", "plot", "all"}
 
 
@@ -95,7 +104,7 @@ def test_cluster_jobs_are_sized_and_placed(name, tmp_path):
     methods = config["merge"]["methods"]
     jobs = planned_job_resources(tmp_path, "--profile", "workflow/profiles/slurm", config=CONFIGS[name])
     largest, params, embedding = LARGEST[name]
-    seen = set()
+    seen, by_size = set(), {}
     for job in jobs:
         rule, wc, res = job["rule"], job["wildcards"], job["resources"]
         if rule not in WORK:
@@ -103,7 +112,8 @@ def test_cluster_jobs_are_sized_and_placed(name, tmp_path):
             continue
         work = merge_work(get_method(methods[wc["method"]]["method"])) if rule == "merge" else WORK[rule]
         assert res["gpu"] == int(work.forward), (rule, wc, res)
-        assert res["mem_mb"] > 4000 and res["runtime"] > 15, (rule, wc, res)  # no tiny-tier figure
+        assert res["mem_mb"] not in (2000, 3000, 4000) and res["runtime"] > 15, (rule, wc, res)
+        by_size.setdefault(rule, set()).add((res["mem_mb"], res["runtime"]))
         base = wc.get("base") or next(iter(v.split("/")[1] for v in wc.values()), None)
         if base == largest:
             combo = wc.get("combo") or ""
@@ -112,6 +122,8 @@ def test_cluster_jobs_are_sized_and_placed(name, tmp_path):
             seen.add(rule)
     heavy = {job["rule"] for job in jobs if job["rule"] in WORK}
     assert seen == heavy  # every sized rule has jobs on the largest base
+    if name == "scale":  # five sizes: no rule keeps one figure for all of them
+        assert all(len(figures) > 1 for figures in by_size.values()), by_size
     print(f"\n{name}: {len(jobs)} jobs; sized rules on {largest}: {sorted(seen)}")
 
 

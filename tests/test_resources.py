@@ -116,3 +116,9 @@ def test_gpu_placement_errors_name_the_key():
     with pytest.raises(ResourceError, match=r"set-resources\.evaluate\.gpu"):
         check_gpu_placement(["evaluate"], 8, {"evaluate": {"gpu": 0}}, cluster=True)
     check_gpu_placement(["evaluate"], 8, {"merge": {"gpu": 0}}, cluster=True)  # not a forward pass
+
+
+def test_vllm_adds_its_host_side_to_evaluation_only():
+    hf = memory_mb("evaluate", NINE_B, 1, "bfloat16", True)
+    assert memory_mb("evaluate", NINE_B, 1, "bfloat16", True, backend="vllm") == hf + 6000
+    assert memory_mb("merge", NINE_B, 5, "bfloat16", False, backend="vllm") == memory_mb("merge", NINE_B, 5, "bfloat16", False)

@@ -30,6 +30,8 @@ from mergescale.tokenizer import char_vocab_size
 
 MB = 2**20
 OVERHEAD_MB = 2000  # Python with torch, transformers and lm-eval imported: the tiny tier's footprint
+# vLLM's host side: its CPU swap space (4 GiB by default) and CUDA context
+VLLM_HOST_MB = 6000
 NAME_MARGIN = 1.3  # a size read from a name, raised: names round down
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # SLURM CPUs per job (cpus_per_task); the cluster profile's set-threads gives the same numbers.
@@ -56,7 +58,7 @@ class Work:
     rule-method: forward passes through merged models), evaluate, convert (whole
     checkpoints in float32, no forward pass).
     models: as a function of k, whole checkpoints held at once (in the checkpoint dtype;
-    float32 for convert), or for stream the tensors in flight per tensor name.
+    float32 for fit and convert), or for stream the tensors in flight per tensor name.
     """
 
     kind: str
@@ -161,9 +163,12 @@ def _largest_estimate(params: int) -> int:
     return int(0.12 * params + 1e8)
 
 
-def memory_mb(rule: str, size: ModelSize, k: int, dtype: str, gpu: bool, work: Work | None = None) -> int:
-    """Host memory of one job of `rule` merging or holding k experts of this size."""
+def memory_mb(rule: str, size: ModelSize, k: int, dtype: str, gpu: bool, work: Work | None = None,
+              backend: str = "hf") -> int:
+    """Host memory of one job of `rule` merging or holding k experts of this size
+    (backend: evaluate.backend, for evaluation jobs)."""
     work = work or WORK[rule]
+    extra = VLLM_HOST_MB if work.kind == "evaluate" and backend == "vllm" else 0
     weights = size.parameters * dtype_bytes(dtype)
     if work.kind == "train":
         # weights, gradients and two Adam moments in float32 on a CPU; on a GPU the host
@@ -173,11 +178,11 @@ def memory_mb(rule: str, size: ModelSize, k: int, dtype: str, gpu: bool, work: W
         held = size.parameters * 12  # float32 weights, gradients, the running statistic
     elif work.kind == "stream":
         held = work.models(k) * size.largest_tensor * 4
-    elif work.kind == "convert":
+    elif work.kind in ("convert", "fit"):  # fits load models in float32 (data_aware.load_models)
         held = work.models(k) * size.parameters * 4
     else:
         held = work.models(k) * weights
-    return math.ceil(OVERHEAD_MB + 1.2 * held / MB)  # 20% for activations and allocator slack
+    return math.ceil(OVERHEAD_MB + extra + 1.2 * held / MB)  # 20% for activations and allocator slack
 
 
 def runtime_min(rule: str, size: ModelSize, k: int, steps: int = 0, batch: int = 0,
@@ -206,7 +211,9 @@ def merge_work(method) -> Work:
     runs forward passes through merged models (base, k experts, the merge); statistics
     from compute_stats (Fisher, RegMean) stream beside the experts' tensors."""
     if method.needs_data:
-        return Work("fit", models=_k_plus_2)
+        # Localize-and-Stitch holds at least the base, an expert, its task vector, the
+        # mask logits and their gradient
+        return Work("fit", models=lambda k: max(k + 2, 5))
     if method.needs_stats_rule:
         return Work("stream", models=lambda k: 2 * k + 3, forward=False)
     return WORK["merge"]

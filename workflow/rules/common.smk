@@ -295,7 +295,8 @@ def rule_resources(rule, work=None):
     def mem_mb(wildcards, attempt):
         base, k, w = plan(wildcards)
         gpu = gpus_for(rule, DECLARED_GPUS, w) > 0
-        mb = memory_mb(rule, model_size(config, base), k, config["merge"]["dtype"], gpu, w)
+        mb = memory_mb(rule, model_size(config, base), k, config["merge"]["dtype"], gpu, w,
+                       config["evaluate"]["backend"])
         return int(mb * (1 + 0.5 * (attempt - 1)))  # a retry gets half as much again
 
     def runtime(wildcards, attempt):
