@@ -3,6 +3,7 @@
 the config; config errors for model and task sources; temporary merged checkpoints."""
 
 import copy
+import importlib.util
 import json
 import math
 import resource
@@ -232,3 +233,42 @@ def test_fetched_base_and_experts_run_through_the_dag(tmp_path):
     card = json.loads((work / "results/experts/fetched/next_letter/source.json").read_text())
     assert card["source"] == "local" and card["path"] == experts["next_letter"]["path"]
     assert planned_jobs(work, config=path) == {}
+
+
+def test_tuning_fits_and_rule_methods_plan_on_public_tasks(tmp_path):
+    """Validation rows of public lm-eval tasks: tuning, Twin-Merging, MAP and the
+    data-aware methods plan on the MergeBench config (no MissingInputException)."""
+    config = yaml.safe_load(CONFIGS["mergebench"].read_text())
+    config["merge"]["methods"] = {
+        "task_arithmetic": {"method": "task_arithmetic", "tune": True},
+        "twin": {"rule": "twin_merging"},
+        "map": {"rule": "map"},
+        "adamerging": {"method": "adamerging"},
+        "greedy_soup": {"method": "greedy_soup"},
+        "regmean_plus_plus": {"method": "regmean_plus_plus"},
+    }
+    config["bases"] = {"gemma-2-2b": config["bases"]["gemma-2-2b"]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(tmp_path / "work", config=path)
+    held_in = len(config["tasks"]["held_in"])
+    assert jobs["export_lm_eval_validation"] == held_in
+    assert jobs["render_lm_eval_validation"] == held_in  # tuning and MAP score on them
+    assert jobs["tune"] == 1 and jobs["twin_merging"] == 1 and jobs["merge_map"] == 1 and jobs["merge"] == 4
+
+
+def test_a_held_in_task_without_validation_rows_names_the_key():
+    config = yaml.safe_load(CONFIGS["mergebench"].read_text())
+    del config["tasks"]["lm_eval"]["coding"]["validation"]
+    with pytest.raises(ConfigError, match=r"tasks\.lm_eval\.coding\.validation: required"):
+        check_schema(config)
+        check_semantics(config)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_a_missing_backend_stops_the_run_before_any_job(tmp_path):
+    """evaluate.backend: vllm without vllm: the run fails at its start, naming the key,
+    before the downloads (a dry run only plans)."""
+    proc = snakemake(tmp_path, "--cores", "1", config=CONFIGS["mergebench"], check=False, timeout=300)
+    assert proc.returncode != 0 and "config key evaluate.backend" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
