@@ -122,3 +122,16 @@ def test_vllm_adds_its_host_side_to_evaluation_only():
     hf = memory_mb("evaluate", NINE_B, 1, "bfloat16", True)
     assert memory_mb("evaluate", NINE_B, 1, "bfloat16", True, backend="vllm") == hf + 6000
     assert memory_mb("merge", NINE_B, 5, "bfloat16", False, backend="vllm") == memory_mb("merge", NINE_B, 5, "bfloat16", False)
+
+
+def test_cluster_profile_threads_match_the_cpus_jobs_ask_for():
+    """The profile's set-threads (torch threads) and the workflow's cpus_per_task agree."""
+    from pathlib import Path
+
+    import yaml
+
+    from mergescale.resources import CPUS
+
+    profile = Path(__file__).resolve().parents[1] / "workflow" / "profiles" / "slurm" / "config.yaml"
+    threads = yaml.safe_load(profile.read_text())["set-threads"]
+    assert threads == {rule: CPUS[work.kind] for rule, work in WORK.items()}

@@ -86,7 +86,6 @@ WORK = {
     "merge_opcm": Work("fit", models=_k_plus_2),
     "merge_map": Work("fit", models=_k_plus_2),
     "merge_atlas": Work("fit", models=lambda k: k + 3),  # + gradients of the coefficients' model
-    "merge_localize_stitch": Work("fit", models=lambda k: k + 3),  # + mask scores (float32)
     "merge_cross_seed": Work("fit", models=lambda k: 2 * k + 2),  # experts of both seeds
     "barrier": Work("fit", models=lambda k: 4),
     "merge_lora_lego": Work("convert", models=lambda k: 2, forward=False),
