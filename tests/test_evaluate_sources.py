@@ -132,19 +132,22 @@ def test_training_split_of_an_lm_eval_task_becomes_prompt_answer_rows(tmp_path):
         export_training_split("test_only", out, include_path=tasks, log=lambda m: None)
 
 
-def _local_task(tasks, name: str, n: int, splits: dict[str, str], **extra) -> None:
-    """An lm-eval task over JSONL files the test writes: one file per split."""
+SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
+
+
+def _local_task(tasks, name: str, n: int, splits: dict[str, str]) -> None:
+    """An lm-eval task over JSONL files the test writes: one file per split, each row's
+    question prefixed by the split's tag."""
     files = {}
-    for split, prefix in splits.items():
+    for split, tag in splits.items():
         path = tasks / f"{name}_{split}.jsonl"
-        path.write_text("".join(json.dumps({"q": f"{prefix}{i}", "choices": ["no", "yes"], "label": i % 2})
+        path.write_text("".join(json.dumps({"q": f"{tag}{i}", "choices": ["no", "yes"], "label": i % 2})
                                 + "\n" for i in range(n)))
         files[split] = str(path)
     spec = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files},
             "output_type": "multiple_choice", "doc_to_text": "Q: {{q}}", "doc_to_choice": "{{choices}}",
             "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}], "metadata": {"version": 1},
-            **{f"{s}_split" if s != "validation" else "validation_split": s for s in splits}, **extra}
-    spec = {("training_split" if k == "train_split" else k): v for k, v in spec.items()}
+            **{SPLIT_KEYS[split]: split for split in splits}}
     tasks.joinpath(f"{name}.yaml").write_text(yaml.safe_dump(spec))
 
 
