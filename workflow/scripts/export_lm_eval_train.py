@@ -1,7 +1,0 @@
-from pathlib import Path
-
-from mergescale.job import log_to
-from mergescale.lmeval_data import export_training_split
-
-with log_to(snakemake.log[0]) as log:
-    export_training_split(snakemake.params.lm_task, Path(snakemake.output[0]), log=log)
