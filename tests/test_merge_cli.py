@@ -57,6 +57,10 @@ def test_parse_mergekit_yaml(models, tmp_path):
 @pytest.mark.parametrize("edit, match", [
     (lambda y: y.replace("merge_method: ties", "merge_method: tie"), "Did you mean: ties"),
     (lambda y: y + "slices: []\n", "models, slices: give exactly one of them"),
+    (lambda y: y + "tokenizer: {source: base}\n", "tokenizer: tokenizer surgery"),
+    (lambda y: y + "chat_template: chatml\n", "chat_template: chat template selection"),
+    (lambda y: y.replace("merge_method: ties", "merge_method: regmean"), "merge_method: regmean reads"),
+    (lambda y: y.replace("normalize: true", "normalize: true\n  int8_mask: 1"), "parameters.int8_mask: expected true/false"),
     (lambda y: y + "modules: {}\n", "modules: per-module configurations are not supported"),
     (lambda y: y + "tokenizer_source: union\n", "tokenizer_source: only 'base' is supported"),
     (lambda y: y + "colour: red\n", "colour: unknown key"),
@@ -73,6 +77,51 @@ def test_config_errors_name_the_key(models, tmp_path, edit, match):
 
     with pytest.raises(MergeInputError, match=match):
         parse_merge_config(yaml.safe_load(edit(ties_yaml(*models))), tmp_path / "out")
+
+
+def _slices_config(base, a, b, first=(0, 2), second=(0, 2), extra=""):
+    return f"""
+merge_method: slerp
+base_model: {base}
+slices:
+  - sources:
+      - {{model: {base}, layer_range: {list(first)}}}
+      - {{model: {a}, layer_range: {list(second)}}}
+{extra}
+parameters: {{t: 0.5}}
+"""
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(second=(0, 3)), r"slices\[0\].sources\[1\].layer_range: \[0, 3\] is outside the 2 layers"),
+    (dict(second=(1, 2)), r"slices\[0\]: every source must span the same number of layers"),
+    (dict(extra="    residual_weight: 0.5"), r"slices\[0\].residual_weight: unknown or unsupported key"),
+    (dict(extra="    base_model: {b}"), r"slices\[0\]: the base model .* is not among the slice's sources"),
+])
+def test_slice_errors_name_the_key(models, tmp_path, kw, match):
+    import yaml
+
+    base, a, b = models
+    if "extra" in kw:
+        kw["extra"] = kw["extra"].format(b=b)
+    req = None
+    with pytest.raises(MergeInputError, match=match):
+        req = parse_merge_config(yaml.safe_load(_slices_config(base, a, b, **kw)), tmp_path / "out")
+        run_merge(req)  # layer ranges are checked against the checkpoints, before writing
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_source_base_refuses_another_vocabulary(models, tmp_path):
+    from merge_fixtures import save_word_tokenizer
+
+    base = save_tiny_llama(tmp_path / "base", 4, like=models[0], max_shard_size="1GB")
+    other = save_tiny_llama(tmp_path / "other", 5, like=models[0], max_shard_size="1GB")
+    save_word_tokenizer(base)
+    save_word_tokenizer(other, vocab_size=64)
+    config = {"merge_method": "linear", "base_model": str(base), "tokenizer_source": "base",
+              "models": [{"model": str(base)}, {"model": str(other)}]}
+    with pytest.raises(MergeInputError, match=r"tokenizer_source: the tokenizer of .*other differs"):
+        parse_merge_config(config, tmp_path / "out")
 
 
 def test_linear_keeps_a_listed_base_as_an_expert(models, tmp_path):

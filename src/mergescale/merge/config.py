@@ -107,6 +107,33 @@ def _dtype(data: dict) -> str | None:
     return names.get("out_dtype", names.get("dtype"))
 
 
+def _vocabulary(path: Path) -> Any:
+    """A model's token -> id map from tokenizer.json (None: no such file)."""
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    import json
+
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise MergeInputError(f"{file}: cannot read the tokenizer ({e})") from None
+    added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
+    return (data.get("model") or {}).get("vocab"), added
+
+
+def _check_tokenizers(inputs: list[Path], base: Path) -> None:
+    """tokenizer_source: base is the identity only when every model shares the base's
+    vocabulary; mergekit would remap embedding rows otherwise, which mergescale does not."""
+    ref = _vocabulary(base)
+    for path in inputs:
+        vocab = _vocabulary(path)
+        if ref is not None and vocab is not None and vocab != ref:
+            raise MergeInputError(
+                f"tokenizer_source: the tokenizer of {path} differs from the base's; remapping "
+                "embeddings between vocabularies is not supported")
+
+
 class _Inputs:
     """Distinct model directories, in order of first mention."""
 
@@ -255,6 +282,8 @@ def parse_merge_config(data: Any, out_dir: Path | str, **overrides: Any) -> Merg
     else:
         slices = [_models_slice(data, method, base, params, inputs)]
     layout = MergeLayout(inputs=inputs.paths, slices=slices, params=params, reference=0)
+    if tokenizer_source == "base":
+        _check_tokenizers(inputs.paths, base)
 
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
