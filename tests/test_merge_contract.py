@@ -84,6 +84,9 @@ IDENTICAL = {
     "tsv": None,  # each copy keeps rank/k triplets of the same matrix
     "fisher": "expert", "regmean": "expert", "regmean_plus_plus": "expert", "greedy_soup": "expert",
     "adamerging": "sum", "adamerging_layerwise": "sum",  # with every lambda = 1
+    "nuslerp": "expert", "ram": "expert", "ramplus_tl": "expert",
+    "arcee_fusion": None,  # keeps only the outlying changes
+    "nearswap": None,  # moves each entry by t / distance
 }
 
 
