@@ -217,14 +217,34 @@ def test_top_k_trim_matches_sorting(kind, density):
     expected = reference_top_k_trim(x, k)
     got = ops.top_k_trim(x, k)
     assert torch.equal(got, expected)
+    assert torch.equal(ops.top_k_trim_(x.clone(), k), expected)  # the in-place variant
     # the streamed selection (used for tensors too big to keep whole) agrees too
     sel = ops.select_top_k(lambda sl: x[sl].abs(), n, k)
     streamed = torch.cat([sel.trim(x[s:e]) for s, e in ops.chunk_ranges(n, chunk=65_536)])
     assert torch.equal(streamed, expected)
 
 
+@pytest.mark.parametrize("kind", ["continuous", "ties", "subnormal", "zeros"])
+def test_radix_threshold_is_kthvalue(kind):
+    """The linear-time select finds exactly torch.kthvalue's k-th largest, and the
+    number of entries it keeps at that value makes exactly k."""
+    g = torch.Generator().manual_seed(7)
+    n = 100_003
+    x = torch.randn(n, generator=g).abs()
+    if kind == "ties":
+        x = torch.randint(0, 5, (n,), generator=g).float()
+    elif kind == "subnormal":
+        x = x * 1e-40  # bit patterns in the lowest buckets
+    elif kind == "zeros":
+        x[: n // 2] = 0
+    for k in (1, 17, n // 3, n // 2, n - 1):
+        sel = ops.select_top_k(lambda sl: x[sl], n, k)
+        assert sel.threshold == float(torch.kthvalue(x, n - k + 1).values)
+        assert int(sel.mask(x).sum()) == k
+
+
 def test_bracket_miss_falls_back_to_exact():
-    # a sample that sees only one value cannot bracket the threshold of the rest
+    # a pathological distribution: one value for two thirds of the entries
     n = 200_000
     x = torch.zeros(n)
     x[1::3] = torch.linspace(1, 2, len(range(1, n, 3)))

@@ -44,123 +44,158 @@ def chunk_ranges(n: int, align: int = 1, chunk: int | None = None) -> list[tuple
 
 
 # -- magnitude top-k ------------------------------------------------------------------
-# Exact top-k without sorting: the k-th largest score is found by selection among a
-# small bracket of candidates, then membership is decided chunk by chunk in flat order.
-# Ties at the threshold go to the lowest flat indices, so the result is deterministic
-# and top_k(a) is inside top_k(b) for a <= b (breadcrumbs relies on that).
-_DIRECT = 1 << 16  # below this many elements, select directly
-
-
-def _sample_step(n: int) -> int:
-    """Stride of the sample that locates the bracket. Selecting in the sample costs
-    ~m, settling the bracket's ~n/sqrt(m) candidates costs that much: m ~ n^(2/3)."""
-    m = min(max(int(2 * n ** (2 / 3)), 4096), 1 << 18)
-    return max(1, n // m)
+# Exact top-k in linear time, without sorting: the k-th largest score is found by a
+# two-pass radix select over the scores' bit patterns (for non-negative float32 the
+# integer order of the bits is the numeric order): a histogram of the high 16 bits
+# finds the bucket holding the threshold, a histogram of the low 16 bits of that
+# bucket's members finds the threshold itself, and the counts say how many entries tie
+# with it. Ties at the threshold go to the lowest flat indices, so the result is
+# deterministic and top_k(a) is inside top_k(b) for a <= b (breadcrumbs relies on that).
+_HIGH = 1 << 15  # buckets of the high 16 bits (the sign bit of a score is 0)
+_LOW = 1 << 16
 
 
 class TopK:
     """Membership in the top k of |x| for a tensor x that is streamed in flat order."""
 
-    def __init__(self, threshold: float, ties_left: int):
+    def __init__(self, threshold: float, ties_left: int, equal_left: int | None = None):
         self.threshold = threshold  # the k-th largest |x|
         self.ties_left = ties_left  # entries with |x| equal to it that are still in the top k
+        # entries equal to it not yet seen (None: unknown); when every remaining one is
+        # kept, one comparison per entry decides membership
+        self.equal_left = equal_left
+
+    def _all_ties_kept(self) -> bool:
+        return self.equal_left is not None and self.ties_left >= self.equal_left
 
     def trim(self, x: torch.Tensor) -> torch.Tensor:
         """The next chunk of x with entries outside the top k zeroed (a new tensor)."""
-        # hardshrink keeps |x| > threshold in one fused pass (threshold -inf keeps all)
-        out = F.hardshrink(x, self.threshold) if self.threshold != float("inf") else torch.zeros_like(x)
-        if self.ties_left > 0:
-            tied = torch.nonzero(x.reshape(-1).abs() == self.threshold).squeeze(1)[: self.ties_left]
-            out.view(-1)[tied] = x.reshape(-1)[tied]
-            self.ties_left -= tied.numel()
+        if self.threshold == float("inf"):
+            return torch.zeros_like(x)
+        if self.ties_left <= 0 or self.threshold == 0:  # kept zeros are zeros anyway
+            return F.hardshrink(x, self.threshold)  # keeps |x| > threshold in one fused pass
+        if self._all_ties_kept():
+            return F.hardshrink(x, _below(self.threshold))  # keeps |x| >= threshold
+        out = F.hardshrink(x, self.threshold)
+        tied = torch.nonzero(x.reshape(-1).abs() == self.threshold).squeeze(1)
+        self._take(tied)
+        keep = tied[: self._taken]
+        out.view(-1)[keep] = x.reshape(-1)[keep]
         return out
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """Boolean membership for the next chunk, given its scores (|x|, or any score)."""
+        if self.ties_left <= 0:
+            return scores > self.threshold
+        if self._all_ties_kept():
+            return scores >= self.threshold
         m = scores > self.threshold
-        if self.ties_left > 0:
-            tied = torch.nonzero(scores.reshape(-1) == self.threshold).squeeze(1)[: self.ties_left]
-            m.view(-1)[tied] = True
-            self.ties_left -= tied.numel()
+        tied = torch.nonzero(scores.reshape(-1) == self.threshold).squeeze(1)
+        self._take(tied)
+        m.view(-1)[tied[: self._taken]] = True
         return m
 
+    def _take(self, tied: torch.Tensor) -> None:
+        self._taken = min(self.ties_left, tied.numel())
+        self.ties_left -= self._taken
+        if self.equal_left is not None:
+            self.equal_left -= tied.numel()
 
-def _bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
-    """Values (lo, hi) that very probably enclose the k-th largest of n scores, from a
-    strided sample of them; six binomial standard deviations of slack make a miss
-    (handled by an exact fallback) very rare."""
-    m, q = sample.numel(), k / n
-    slack = 6 * math.sqrt(m * q * (1 - q)) + 8
-    i_hi, i_lo = math.floor(q * m - slack), math.ceil(q * m + slack)
-    hi = float(torch.kthvalue(sample, m - i_hi).values) if i_hi >= 0 else float("inf")
-    lo = float(torch.kthvalue(sample, m - i_lo).values) if i_lo < m else float("-inf")
-    return lo, hi
+
+def _top_of(hist: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """In a histogram over ordered bins, the bin holding the k-th largest entry (k >= 1):
+    (bin, entries in higher bins, entries in it)."""
+    from_top = hist.flip(0).cumsum(0)  # entries in the top j + 1 bins
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype, device=from_top.device)))
+    above = int(from_top[j - 1]) if j > 0 else 0
+    b = hist.numel() - 1 - j
+    return b, above, int(hist[b])
+
+
+def _radix_select(chunks, k: int) -> TopK:
+    """The k-th largest of non-negative finite float32 scores, given `chunks()`: an
+    iterable over them in flat order (called twice: once per 16 bits)."""
+    high = None
+    for sc in chunks():
+        h = torch.bincount(sc.reshape(-1).view(torch.int32) >> 16, minlength=_HIGH)
+        high = h if high is None else high.add_(h)
+    bucket, above, _ = _top_of(high, k)
+    low = None
+    for sc in chunks():
+        # low 16 bits of the bucket's members in bins 1.._LOW; bin 0 below it, _LOW + 1 above
+        key = torch.sub(sc.reshape(-1).view(torch.int32), (bucket << 16) - 1).clamp_(0, _LOW + 1)
+        h = torch.bincount(key, minlength=_LOW + 2)
+        low = h if low is None else low.add_(h)
+    low_bits, above_low, equal = _top_of(low[1:_LOW + 1], k - above)
+    threshold = float(torch.tensor([(bucket << 16) | low_bits], dtype=torch.int32).view(torch.float32))
+    return TopK(threshold, k - above - above_low, equal)
 
 
 def select_top_k(scores_of, n: int, k: int) -> TopK:
     """Find the k-th largest of n scores; `scores_of(slice)` computes scores for a slice.
 
-    The slice may be strided (for the sample). Scores must be finite float32; the
-    returned tensor need only stay valid until the next call.
+    Scores must be non-negative finite float32 (|x|, a variance); the returned tensor
+    need only stay valid until the next call. Two passes over chunks of the scores.
     """
     if k <= 0:
         return TopK(float("inf"), 0)
     if k >= n:
         return TopK(float("-inf"), 0)
-    if n <= _DIRECT:
-        return _exact(scores_of(slice(0, n)), 0, k)
-    step = _sample_step(n)
-    lo, hi = _bracket(scores_of(slice(0, n, step)), n, k)
-    above, candidates = 0, []
-    for s, e in chunk_ranges(n):
-        sc = scores_of(slice(s, e))
-        above += int(torch.count_nonzero(sc > hi))
-        candidates.append(sc[(sc >= lo) & (sc <= hi)])
-    pool = torch.cat(candidates)
-    if not 0 < k - above <= pool.numel():  # the bracket missed: select over everything
-        return _exact(torch.cat([scores_of(slice(s, e)).clone() for s, e in chunk_ranges(n)]), 0, k)
-    return _exact(pool, above, k)
+    return _radix_select(lambda: (scores_of(slice(s, e)) for s, e in chunk_ranges(n)), k)
 
 
-def _exact(pool: torch.Tensor, above: int, k: int) -> TopK:
-    """The threshold is in `pool`; `above` scores (not in it) are larger than all of it."""
-    r = k - above  # rank of the threshold inside the pool, from the top
-    threshold = float(torch.kthvalue(pool, pool.numel() - r + 1).values)
-    greater = above + int(torch.count_nonzero(pool > threshold))
-    return TopK(threshold, k - greater)
+def _abs_scores(flat: torch.Tensor) -> torch.Tensor:
+    """|flat| in float32, in a reused buffer (valid until the next call)."""
+    out = SCRATCH.get("topk.scores", (flat.numel(),), torch.float32, flat.device)
+    return torch.abs(flat, out=out) if flat.dtype == torch.float32 else out.copy_(flat).abs_()
 
 
 def top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
     """x with all but its k largest-magnitude entries zeroed (exactly k; ties go to
-    the lower flat index). Returns a new tensor; x is not modified.
-
-    One pass for the whole tensor: entries above the bracket's upper end are kept
-    outright, entries inside the bracket (about 1%) are settled by selection.
-    """
+    the lower flat index). Returns a new tensor; x is not modified."""
     flat = x.reshape(-1)
     n = flat.numel()
     if k >= n:
         return x.clone()
     if k <= 0:
         return torch.zeros_like(x)
-    if n <= _DIRECT:
-        return _exact(flat.abs(), 0, k).trim(flat).reshape(x.shape)
-    lo, hi = _bracket(flat[:: _sample_step(n)].abs(), n, k)
-    if lo <= 0:
-        if int(torch.count_nonzero(flat)) <= k:  # every non-zero entry is in the top k
-            return x.clone()
-        lo = _TINY  # the threshold is positive, and the band below must not hold zeros
-    kept = F.hardshrink(flat, hi) if hi != float("inf") else torch.zeros_like(flat)  # |x| > hi
-    above = int(torch.count_nonzero(kept))
-    band = F.hardshrink(flat, _below(lo)).sub_(kept)  # lo <= |x| <= hi, zero elsewhere
-    index = torch.nonzero(band).squeeze(1)  # ascending flat order
-    values = band[index]
-    r = k - above
-    if not 0 < r <= index.numel():  # the bracket missed
-        return _exact(flat.abs(), 0, k).trim(flat).reshape(x.shape)
-    sel = _exact(values.abs(), 0, r)
-    kept[index] = sel.trim(values)
-    return kept.reshape(x.shape)
+    return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
+
+
+def top_k_trim_(x: torch.Tensor, k: int) -> torch.Tensor:
+    """top_k_trim in place: zero all but the k largest |x| of a contiguous float32 x."""
+    flat = x.view(-1)
+    n = flat.numel()
+    if k >= n:
+        return x
+    if k <= 0:
+        return x.zero_()
+    scores = _abs_scores(flat)
+    top = _radix_select(lambda: (scores,), k)
+    if top.threshold == 0:  # every non-zero entry is kept
+        return x
+    # hardshrink (one fused pass, into the scores buffer) keeps |x| >= threshold ...
+    flat.copy_(torch.nn.functional.hardshrink(flat, _below(top.threshold)))
+    if not top._all_ties_kept():  # ... and the ties past the k-th are dropped again
+        cut = _position_of(scores == top.threshold, top.ties_left)
+        flat[cut:] = torch.nn.functional.hardshrink(flat[cut:], top.threshold)
+    return x
+
+
+def _position_of(mask: torch.Tensor, j: int, block: int = 1 << 16) -> int:
+    """Flat index of the (j + 1)-th True of a boolean vector: counts per block locate
+    the block, so only one block is searched element by element."""
+    n = mask.numel()
+    whole = n - n % block
+    counts = mask[:whole].view(-1, block).sum(dim=1) if whole else mask.new_zeros(0, dtype=torch.int64)
+    if n > whole:
+        counts = torch.cat([counts, mask[whole:].sum().view(1)])
+    before = counts.cumsum(0)
+    b = int(torch.searchsorted(before, torch.tensor([j + 1], dtype=before.dtype, device=before.device)))
+    skipped = int(before[b - 1]) if b > 0 else 0
+    start = b * block
+    inside = torch.nonzero(mask[start:start + block]).squeeze(1)
+    return start + int(inside[j - skipped])
 
 
 _TINY = float(torch.finfo(torch.float32).tiny)
