@@ -171,3 +171,14 @@ def test_cli_methods_json(capsys):
 def test_cli_methods_text(capsys):
     assert main(["methods"]) == 0
     assert "ties [base]:" in capsys.readouterr().out
+
+
+def test_progress_bar_is_one_updating_line_with_rate_and_eta(models, tmp_path, capsys):
+    base, a, b = models
+    run_merge(MergeRequest(method="ties", base=base, experts=[a, b], out_dir=tmp_path / "o", progress=True))
+    err = capsys.readouterr().err
+    bar = err.split("\r")[-1]  # tqdm redraws one line with carriage returns
+    assert "\n" not in bar.strip() and "tensor/s" in bar and "<" in bar  # rate, elapsed<remaining
+    # without a terminal (the workflow's log files) no bar is drawn
+    run_merge(MergeRequest(method="ties", base=base, experts=[a, b], out_dir=tmp_path / "q"))
+    assert "\r" not in capsys.readouterr().err
