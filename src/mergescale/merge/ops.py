@@ -44,12 +44,14 @@ def chunk_ranges(n: int, align: int = 1, chunk: int | None = None) -> list[tuple
 
 
 # -- magnitude top-k ------------------------------------------------------------------
-# Exact top-k in linear time, without sorting: the k-th largest score is found by a
-# two-pass radix select over the scores' bit patterns (for non-negative float32 the
-# integer order of the bits is the numeric order): a histogram of the high 16 bits
-# finds the bucket holding the threshold, a histogram of the low 16 bits of that
-# bucket's members finds the threshold itself, and the counts say how many entries tie
-# with it. Ties at the threshold go to the lowest flat indices, so the result is
+# Exact top-k without sorting, in linear time. A strided sample brackets the k-th
+# largest score; one pass counts the scores above the bracket and collects the few
+# inside it (about 1%), among which the threshold is selected. Should the bracket miss
+# (a pathological distribution), a two-pass radix select over the scores' bit patterns
+# finds it exactly (for non-negative float32 the integer order of the bits is the
+# numeric order): a histogram of the high 16 bits finds the bucket holding the
+# threshold, a histogram of the low 16 bits of that bucket's members the threshold
+# itself. Ties at the threshold go to the lowest flat indices, so the result is
 # deterministic and top_k(a) is inside top_k(b) for a <= b (breadcrumbs relies on that).
 _HIGH = 1 << 15  # buckets of the high 16 bits (the sign bit of a score is 0)
 _LOW = 1 << 16
@@ -131,17 +133,59 @@ def _radix_select(chunks, k: int) -> TopK:
     return TopK(threshold, k - above - above_low, equal)
 
 
+def _sample_step(n: int) -> int:
+    """Stride of the sample that locates the bracket. Selecting in the sample costs
+    ~m, settling the bracket's ~n/sqrt(m) candidates costs that much: m ~ n^(2/3)."""
+    m = min(max(int(2 * n ** (2 / 3)), 4096), 1 << 18)
+    return max(1, n // m)
+
+
+def _bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
+    """Values (lo, hi) that very probably enclose the k-th largest of n scores, from a
+    strided sample of them; six binomial standard deviations of slack make a miss
+    (handled by the radix select) very rare."""
+    m, q = sample.numel(), k / n
+    slack = 6 * math.sqrt(m * q * (1 - q)) + 8
+    i_hi, i_lo = math.floor(q * m - slack), math.ceil(q * m + slack)
+    hi = float(torch.kthvalue(sample, m - i_hi).values) if i_hi >= 0 else float("inf")
+    lo = float(torch.kthvalue(sample, m - i_lo).values) if i_lo < m else float("-inf")
+    return lo, hi
+
+
+def _in_pool(pool: torch.Tensor, above: int, k: int) -> TopK:
+    """The threshold is in `pool`, which holds every score equal to it; `above` scores
+    (not in it) are larger than all of it. The pool is small: select in it directly."""
+    r = k - above  # rank of the threshold inside the pool, from the top
+    threshold = float(torch.kthvalue(pool, pool.numel() - r + 1).values)
+    greater = above + int(torch.count_nonzero(pool > threshold))
+    return TopK(threshold, k - greater, int(torch.count_nonzero(pool == threshold)))
+
+
+_DIRECT = 1 << 16  # below this many scores, select over all of them at once
+
+
 def select_top_k(scores_of, n: int, k: int) -> TopK:
     """Find the k-th largest of n scores; `scores_of(slice)` computes scores for a slice.
 
-    Scores must be non-negative finite float32 (|x|, a variance); the returned tensor
-    need only stay valid until the next call. Two passes over chunks of the scores.
+    The slice may be strided (for the sample). Scores must be non-negative finite
+    float32 (|x|, a variance); the returned tensor need only stay valid until the next call.
     """
     if k <= 0:
         return TopK(float("inf"), 0)
     if k >= n:
         return TopK(float("-inf"), 0)
-    return _radix_select(lambda: (scores_of(slice(s, e)) for s, e in chunk_ranges(n)), k)
+    if n <= _DIRECT:
+        return _radix_select(lambda: (scores_of(slice(0, n)),), k)
+    lo, hi = _bracket(scores_of(slice(0, n, _sample_step(n))), n, k)
+    above, candidates = 0, []
+    for s, e in chunk_ranges(n):
+        sc = scores_of(slice(s, e))
+        above += int(torch.count_nonzero(sc > hi))
+        candidates.append(sc[(sc >= lo) & (sc <= hi)])
+    pool = torch.cat(candidates)
+    if not 0 < k - above <= pool.numel():  # the bracket missed: radix over everything
+        return _radix_select(lambda: (scores_of(slice(s, e)) for s, e in chunk_ranges(n)), k)
+    return _in_pool(pool, above, k)
 
 
 def _abs_scores(flat: torch.Tensor) -> torch.Tensor:
@@ -152,50 +196,39 @@ def _abs_scores(flat: torch.Tensor) -> torch.Tensor:
 
 def top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
     """x with all but its k largest-magnitude entries zeroed (exactly k; ties go to
-    the lower flat index). Returns a new tensor; x is not modified."""
+    the lower flat index). Returns a new tensor; x is not modified.
+
+    One pass for the whole tensor: entries above the bracket's upper end are kept
+    outright, entries inside the bracket (about 1%) are settled by selection.
+    """
     flat = x.reshape(-1)
     n = flat.numel()
     if k >= n:
         return x.clone()
     if k <= 0:
         return torch.zeros_like(x)
-    return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
+    if n <= _DIRECT:
+        return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
+    lo, hi = _bracket(flat[:: _sample_step(n)].abs(), n, k)
+    if lo <= 0:
+        if int(torch.count_nonzero(flat)) <= k:  # every non-zero entry is in the top k
+            return x.clone()
+        lo = _TINY  # the threshold is positive, and the band below must not hold zeros
+    kept = F.hardshrink(flat, hi) if hi != float("inf") else torch.zeros_like(flat)  # |x| > hi
+    above = int(torch.count_nonzero(kept))
+    band = F.hardshrink(flat, _below(lo)).sub_(kept)  # lo <= |x| <= hi, zero elsewhere
+    index = torch.nonzero(band).squeeze(1)  # ascending flat order
+    values = band[index]
+    r = k - above
+    if not 0 < r <= index.numel():  # the bracket missed: radix over everything
+        return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
+    kept[index] = _in_pool(values.abs(), 0, r).trim(values)
+    return kept.reshape(x.shape)
 
 
 def top_k_trim_(x: torch.Tensor, k: int) -> torch.Tensor:
-    """top_k_trim in place: zero all but the k largest |x| of a contiguous float32 x."""
-    flat = x.view(-1)
-    n = flat.numel()
-    if k >= n:
-        return x
-    if k <= 0:
-        return x.zero_()
-    scores = _abs_scores(flat)
-    top = _radix_select(lambda: (scores,), k)
-    if top.threshold == 0:  # every non-zero entry is kept
-        return x
-    # hardshrink (one fused pass, into the scores buffer) keeps |x| >= threshold ...
-    flat.copy_(torch.nn.functional.hardshrink(flat, _below(top.threshold)))
-    if not top._all_ties_kept():  # ... and the ties past the k-th are dropped again
-        cut = _position_of(scores == top.threshold, top.ties_left)
-        flat[cut:] = torch.nn.functional.hardshrink(flat[cut:], top.threshold)
-    return x
-
-
-def _position_of(mask: torch.Tensor, j: int, block: int = 1 << 16) -> int:
-    """Flat index of the (j + 1)-th True of a boolean vector: counts per block locate
-    the block, so only one block is searched element by element."""
-    n = mask.numel()
-    whole = n - n % block
-    counts = mask[:whole].view(-1, block).sum(dim=1) if whole else mask.new_zeros(0, dtype=torch.int64)
-    if n > whole:
-        counts = torch.cat([counts, mask[whole:].sum().view(1)])
-    before = counts.cumsum(0)
-    b = int(torch.searchsorted(before, torch.tensor([j + 1], dtype=before.dtype, device=before.device)))
-    skipped = int(before[b - 1]) if b > 0 else 0
-    start = b * block
-    inside = torch.nonzero(mask[start:start + block]).squeeze(1)
-    return start + int(inside[j - skipped])
+    """top_k_trim into x itself."""
+    return x.copy_(top_k_trim(x, k))
 
 
 _TINY = float(torch.finfo(torch.float32).tiny)

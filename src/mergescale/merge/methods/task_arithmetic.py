@@ -191,7 +191,7 @@ def generalized_task_arithmetic(
             mixed = agreeing.sum(dim=0).mul_(elected)
             if params["normalize"]:
                 if len(set(weights)) == 1:  # equal weights: count the contributors
-                    divisor = torch.count_nonzero(agreeing, dim=0).to(torch.float32).mul_(weights[0])
+                    divisor = agreeing.sign_().sum(dim=0).mul_(weights[0])
                 else:
                     divisor = (agreeing.sign_() * w).sum(dim=0)  # sum of weights that contributed
                 mixed.div_(divisor.add_(divisor == 0))  # nothing contributed: divide by 1
