@@ -13,6 +13,7 @@ N + 1 times 6.4 GB of disk and the output 6.4 GB; --keep keeps them for another 
 otherwise everything is deleted at the end.
 
 Usage: python benchmarks/merge_scale.py [--experts 4] [--threads 2] [--keep]
+       python benchmarks/merge_scale.py --layers 1 --vocab 8192 --experts 2   # a quick check
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ def _base_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return 0.02 * torch.randn(shape, generator=_generator(name, 0))
 
 
-def build_models(root: Path, n_experts: int, noise: float = 0.002) -> tuple[Path, list[Path]]:
+def build_models(root: Path, n_experts: int, noise: float = 0.002, **shape) -> tuple[Path, list[Path]]:
     """Base and experts as sharded bf16 safetensors, tensor by tensor; cached."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     paths = [root / "base"] + [root / f"expert{i}" for i in range(n_experts)]
     if all((p / "done").is_file() for p in paths):
         return paths[0], paths[1:]
-    config = LlamaConfig(**SHAPE, max_position_embeddings=4096, dtype="bfloat16",
+    config = LlamaConfig(**{**SHAPE, **shape}, max_position_embeddings=4096, dtype="bfloat16",
                          architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -91,11 +92,13 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.2)
     parser.add_argument("--root", type=Path, default=HERE / ".cache" / "llama3b")
     parser.add_argument("--keep", action="store_true", help="keep the written models for another run")
+    parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="fewer layers: a quick check")
+    parser.add_argument("--vocab", type=int, default=SHAPE["vocab_size"], help="smaller vocabulary: a quick check")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     start = time.perf_counter()
-    base, experts = build_models(args.root, args.experts)
+    base, experts = build_models(args.root, args.experts, num_hidden_layers=args.layers, vocab_size=args.vocab)
     write_s = time.perf_counter() - start
     inputs = [base, *experts]
     input_bytes = sum(f.stat().st_size for d in inputs for f in d.glob("*.safetensors"))
