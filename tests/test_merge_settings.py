@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mergescale.merge.errors import MergeInputError
-from mergescale.merge.layout import with_layer
+from mergescale.merge.ops import layer_index, with_layer_index
 from mergescale.merge.settings import check_setting, evaluate_setting, resolve
 
 
@@ -40,6 +40,7 @@ def test_malformed_settings_name_the_key(value, match):
         check_setting(value, "t")
 
 
-def test_with_layer_renumbers_the_block_only():
-    assert with_layer("model.layers.3.mlp.up_proj.weight", 11) == "model.layers.11.mlp.up_proj.weight"
-    assert with_layer("model.norm.weight", 2) == "model.norm.weight"
+def test_with_layer_index_renumbers_the_block_only():
+    assert with_layer_index("model.layers.3.mlp.up_proj.weight", 11) == "model.layers.11.mlp.up_proj.weight"
+    assert with_layer_index("model.norm.weight", 2) == "model.norm.weight"
+    assert layer_index("layers.0.attention.wq.weight") == 0 and layer_index("transformer.h.7.mlp.c_fc.weight") == 7

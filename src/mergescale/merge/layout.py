@@ -17,27 +17,14 @@ before anything is written.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mergescale.merge.errors import MergeInputError
+from mergescale.merge.ops import layer_index, with_layer_index
 from mergescale.merge.registry import MergeMethod, ResolvedParams, validate_params
 from mergescale.merge.settings import resolve
-
-_LAYER = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(3)) if match else None
-
-
-def with_layer(name: str, index: int) -> str:
-    """`name` with its block index replaced ("model.layers.3.x" -> "model.layers.<index>.x")."""
-    return _LAYER.sub(lambda m: f"{m.group(1)}{m.group(2)}.{index}.", name, count=1)
-
 
 @dataclass(frozen=True)
 class TensorJob:
@@ -94,8 +81,8 @@ class MergeLayout:
                 t = offset / (n - 1) if n > 1 else 1.0
                 lead_layer = rng[0][0] + offset
                 for name in layers[sl.sources[0].input][1].get(lead_layer, []):
-                    srcs = [(s, with_layer(name, r[0] + offset)) for s, r in zip(sl.sources, rng)]
-                    jobs.append(resolver.job(sl, srcs, with_layer(name, out_layer), t))
+                    srcs = [(s, with_layer_index(name, r[0] + offset)) for s, r in zip(sl.sources, rng)]
+                    jobs.append(resolver.job(sl, srcs, with_layer_index(name, out_layer), t))
                 out_layer += 1
         last = self.slices[-1].sources[0].input
         outside(self.slices[-1], [n for n in layers[last][0] if "embed" not in n])
@@ -124,7 +111,7 @@ def _layer_names(checkpoint) -> tuple[list[str], dict[int, list[str]]]:
     outside: list[str] = []
     blocks: dict[int, list[str]] = {}
     for name in checkpoint.names:
-        index = layer_of(name)
+        index = layer_index(name)
         if index is None:
             outside.append(name)
         else:

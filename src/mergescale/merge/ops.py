@@ -367,10 +367,15 @@ def orthogonalize(m: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+_LAYER = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
 
 
 def layer_index(name: str) -> int | None:
     """Transformer block index in a tensor name ("model.layers.3.mlp..." -> 3), else None."""
-    match = _LAYER.search(f".{name}")
-    return int(match.group(1)) if match else None
+    match = _LAYER.search(name)
+    return int(match.group(3)) if match else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """`name` with its block index replaced ("model.layers.3.x" -> "model.layers.<index>.x")."""
+    return _LAYER.sub(lambda m: f"{m.group(1)}{m.group(2)}.{index}.", name, count=1)
