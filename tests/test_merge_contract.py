@@ -86,6 +86,9 @@ IDENTICAL = {
     "localize_stitch": None,  # every copy keeps the same 10% of the entries
     "fisher": "expert", "regmean": "expert", "regmean_plus_plus": "expert", "greedy_soup": "expert",
     "adamerging": "sum", "adamerging_layerwise": "sum",  # with every lambda = 1
+    "nuslerp": "expert", "ram": "expert", "ramplus_tl": "expert",
+    "arcee_fusion": None,  # keeps only the outlying changes
+    "nearswap": None,  # moves each entry by t / distance
 }
 
 
