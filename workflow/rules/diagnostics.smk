@@ -31,7 +31,7 @@ rule task_vector_table:
 # The hyperparameters tuning chose, per base, method and k.
 rule tuning_table:
     input:
-        tuning_records,
+        tuning_records(),
     output:
         report("results/tables/tuning.md", caption="../report/tuning.rst", category="Tables"),
     log:
