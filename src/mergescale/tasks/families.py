@@ -6,27 +6,19 @@ train / validation / test splits can be disjoint by prompt and still test the sk
 stops during evaluation.
 
 The world has the structure of "What Matters for Model Merging at Scale?" (Yadav et al.
-2024): a family's *role* says which stage may ever see it.
+2024); a family's *role* says which stage may ever read it (docs/tiny-world.md):
 
-- ``task``: benchmark families, prompted ``"<instruction> <input>="``. The config makes
-  each one held-in (an expert trains on it) or held-out (nothing trains on it). No other
-  stage sees their prompt format.
-- ``pretrain``: what pretraining reads. Primitive skills in two surface formats, the
-  prefix format ``"<keyword> <input>="`` and the postfix format ``"<input> <keyword>="``,
-  plus generic text (word lists, alphabet and digit runs). Some skills appear in both
-  formats, which teaches that a skill does not depend on where its keyword stands. The
-  skills of the held-out benchmark families (second letter, smallest digit, word length)
-  appear only in the postfix format: a base answers ``"second abc="`` zero-shot only by
-  carrying a pretrained skill over to the prefix format that generic pretraining taught.
-  The held-in benchmark skills (first/last letter, reversal, next/previous letter, larger
-  /smaller number, largest digit) appear in no format: they are new to the base, and an
-  expert learns them by reusing pretrained circuits (letter positions, succession, digit
-  comparison).
-- ``instruct``: the instruction-tuning mixture (the paper's PaLM-2-IT): further postfix
-  skills asked in the prefix format, answers only. It aligns pretrained skills with the
-  prefix format and shares no family or format with the benchmark families.
-
-Benchmark families are grouped in skill clusters (string, number, sequence, comparison).
+- ``task``: benchmark families, asked ``"<keyword> <input>="``, in skill clusters
+  (string, number, sequence, comparison). The config makes each one held-in (an expert
+  trains on it) or held-out (nothing trains on it).
+- ``pretrain``: what pretraining reads. Generic text (word lists, alphabet and digit
+  runs); every benchmark skill in another format, ``"<keyword> of <input>:"`` (its
+  ``_of`` twin); and a few other skills in both formats, which teach that the two
+  formats ask the same thing. No benchmark family's format appears, so a base answers
+  a benchmark prompt, held-in or held-out, zero-shot only by carrying a pretrained skill
+  over to a format it learned from other skills.
+- ``instruct``: the instruction-tuning mixture (the paper's PaLM-2-IT): other skills
+  in the benchmark format, answers only; disjoint from every benchmark family.
 """
 
 from __future__ import annotations
@@ -41,7 +33,7 @@ DIGITS = string.digits
 
 ROLES = ("task", "pretrain", "instruct")
 PREFIX = "{keyword} {x}="
-POSTFIX = "{keyword} of {x}:"
+POSTFIX = "{keyword} {x}:"
 TEXT = "{x}"  # generic text: the whole line is the "answer", the prompt is empty
 
 
@@ -159,6 +151,9 @@ BILINGUAL = {
 INSTRUCT = {
     "fourth_letter": ("string", "fourth", lambda r: _word(r, 4, 8), lambda x: x[3],
                       "fourth letter of a word"),
+    "fifth_letter": ("string", "fifth", lambda r: _word(r, 5, 8), lambda x: x[4],
+                     "fifth letter of a word"),
+    "tail_letters": ("string", "tail", _word, lambda x: x[-2:], "the last two letters of a word"),
     "lead_digit": ("number", "lead", _number, lambda x: x[0], "first digit of a number"),
 }
 PRETRAIN_SUFFIX = "_of"  # the pretraining twin of a skill: its name plus this suffix
