@@ -12,7 +12,7 @@ The world has the structure of "What Matters for Model Merging at Scale?" (Yadav
   (string, number, sequence, comparison). The config makes each one held-in (an expert
   trains on it) or held-out (nothing trains on it).
 - ``pretrain``: what pretraining reads. Generic text (word lists, alphabet and digit
-  runs); every benchmark skill in another format, ``"<keyword> of <input>:"`` (its
+  runs); every benchmark skill in another format, ``"<keyword> <input>:"`` (its
   ``_of`` twin); and a few other skills in both formats, which teach that the two
   formats ask the same thing. No benchmark family's format appears, so a base answers
   a benchmark prompt, held-in or held-out, zero-shot only by carrying a pretrained skill
@@ -32,8 +32,8 @@ LETTERS = string.ascii_lowercase
 DIGITS = string.digits
 
 ROLES = ("task", "pretrain", "instruct")
-PREFIX = "{keyword} {x}="
-POSTFIX = "{keyword} {x}:"
+BENCHMARK_FORMAT = "{keyword} {x}="  # every benchmark prompt; no pretraining prompt
+PRETRAIN_FORMAT = "{keyword} {x}:"  # the same skills as pretraining asks them
 TEXT = "{x}"  # generic text: the whole line is the "answer", the prompt is empty
 
 
@@ -46,7 +46,7 @@ class TaskFamily:
     solve: Callable[[str], str]
     description: str
     role: str = "task"
-    template: str = PREFIX
+    template: str = BENCHMARK_FORMAT
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -104,7 +104,8 @@ def _text(rng: random.Random) -> str:
     return "".join(DIGITS[(start + i) % 10] for i in range(n))
 
 
-def _skill(name, cluster, keyword, sample, solve, description, role="task", template=PREFIX):
+def _skill(name, cluster, keyword, sample, solve, description, role="task",
+           template=BENCHMARK_FORMAT):
     return TaskFamily(name, cluster, keyword, sample, solve, description, role, template)
 
 
@@ -156,7 +157,9 @@ INSTRUCT = {
     "tail_letters": ("string", "tail", _word, lambda x: x[-2:], "the last two letters of a word"),
     "lead_digit": ("number", "lead", _number, lambda x: x[0], "first digit of a number"),
 }
-PRETRAIN_SUFFIX = "_of"  # the pretraining twin of a skill: its name plus this suffix
+# The pretraining twin of a skill ("first_letter_of": first_letter asked in the
+# pretraining format) is named by this suffix.
+PRETRAIN_SUFFIX = "_of"
 
 
 def _all_families() -> list[TaskFamily]:
@@ -166,11 +169,11 @@ def _all_families() -> list[TaskFamily]:
         cluster = CLUSTERS[name]
         out.append(_skill(name, cluster, keyword, sample, solve, description))
         out.append(_skill(name + PRETRAIN_SUFFIX, cluster, keyword, sample, solve, description,
-                          role="pretrain", template=POSTFIX))
+                          role="pretrain", template=PRETRAIN_FORMAT))
     for name, (cluster, keyword, sample, solve, description) in BILINGUAL.items():
         out.append(_skill(name, cluster, keyword, sample, solve, description, role="pretrain"))
         out.append(_skill(name + PRETRAIN_SUFFIX, cluster, keyword, sample, solve, description,
-                          role="pretrain", template=POSTFIX))
+                          role="pretrain", template=PRETRAIN_FORMAT))
     for name, (cluster, keyword, sample, solve, description) in INSTRUCT.items():
         out.append(_skill(name, cluster, keyword, sample, solve, description, role="instruct"))
     return out
