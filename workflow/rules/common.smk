@@ -149,7 +149,8 @@ def get_final_output():
         *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
         "results/plots/base_quality.png",
         "results/tables/task_vectors.md",
-    ] + (["results/tables/tuning.md"] if tuning_records() else []) + (CROSS_SEED.final_outputs() if CROSS_SEED else []) + EXTRA_FINAL_OUTPUT
+        *(["results/tables/tuning.md"] if tuning_records() else []),
+    ] + (CROSS_SEED.final_outputs() if CROSS_SEED else []) + EXTRA_FINAL_OUTPUT
 
 
 def bases_with_source(source):
