@@ -232,8 +232,9 @@ def test_unbatched_evaluation_plans_one_job_per_model(tmp_path):
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(tmp_path / "work", config=path)
     held_in, n_combos = config["tasks"]["held_in"], len(config["merge"]["ks"])  # one subset per k
-    # base, experts, the multitask model on all held-in tasks; per subset: merges and ensemble
-    models = 1 + len(held_in) + 1 + n_combos * (len(config["merge"]["methods"]) + 1)
+    # base, experts; per subset: the multitask model (per_subset), merges and ensemble
+    assert config["finetune"]["multitask"]["per_subset"]
+    models = 1 + len(held_in) + n_combos * (1 + len(config["merge"]["methods"]) + 1)
     assert jobs["evaluate"] == models
     assert "evaluate_batch" not in jobs and "unbatch_scores" not in jobs
 
