@@ -112,3 +112,18 @@ def test_vs_multitask_only_where_the_multitask_model_is_above_chance(tmp_path):
     assert ties.held_out_vs_multitask_ratio_of_sums == pytest.approx(0.3 / 0.4)
     assert ties.held_out_low_multitask_tasks == 1
     assert ties.held_out_minus_multitask == pytest.approx(((0.3 - 0.4) + (0.2 - 0.01)) / 2)
+
+
+def test_the_multitask_model_on_all_held_in_tasks_is_every_subsets_reference(files, tmp_path):
+    """The paper's reference: one multitask model per base (results/.../multitask/b/all)
+    stands for every subset that has no multitask model of its own."""
+    files = [f for f in files if "evals/multitask" not in f]
+    files.append(_write(tmp_path / "all", "multitask/b/all",
+                        {"first_letter": 0.9, "max_digit": 0.8, "second_letter": 0.4, "min_digit": 0.2}))
+    df = tidy_scores(files, HELD_IN, HELD_OUT, COMBOS)
+    row = df[df.kind == "multitask"].iloc[0]
+    assert row.combo == "all" and pd.isna(row.k) and row.trained_on
+    norm = normalized_scores(df, HELD_IN, HELD_OUT, COMBOS).set_index("method")
+    assert norm.loc["ties"].held_in_vs_multitask == pytest.approx((0.5 / 0.9 + 0.6 / 0.8) / 2)
+    assert norm.loc["multitask"].combo == "k2s0"  # listed under the subset it is compared with
+    assert norm.loc["multitask"].held_in_normalized == pytest.approx((0.9 + 1.0) / 2)

@@ -30,6 +30,9 @@ def expected_jobs(config: dict) -> dict[str, int]:
     fetched_experts = sum(1 for b in bases.values() if b.get("experts"))
     trained_experts = len(bases) - fetched_experts
     multitask = "multitask" in config.get("finetune", {})
+    # one multitask model per base on all held-in tasks, or one per subset (per_subset)
+    multitask_models = (n_combos if config["finetune"]["multitask"].get("per_subset") else 1
+                        ) if multitask else 0
     ensemble = config.get("evaluate", {}).get("ensemble", True)
     from mergescale.merge import get_method
 
@@ -40,7 +43,7 @@ def expected_jobs(config: dict) -> dict[str, int]:
         "download_base": sum(1 for b in bases.values() if b["source"] in ("hub", "local")),
         "download_expert": fetched_experts * len(held_in),
         "finetune_expert": trained_experts * len(held_in),
-        "finetune_multitask": len(bases) * n_combos if multitask else 0,  # one per subset
+        "finetune_multitask": len(bases) * multitask_models,
         "export_lm_eval_train": sum(1 for t in held_in if "train" in lm_eval.get(t, {}))
         if (trained_experts or multitask) else 0,
         "export_lm_eval_validation": len(held_in) if validation else 0,
@@ -49,8 +52,10 @@ def expected_jobs(config: dict) -> dict[str, int]:
         "merge": len(bases) * n_methods * n_combos,
         "tune": len(bases) * n_combos * sum(bool(m.get("tune")) for m in config["merge"]["methods"].values()),
         "ensemble": len(bases) * n_combos * int(ensemble),
-        "evaluate": len(bases) * (1 + len(held_in) + (int(multitask) + n_methods + int(ensemble)) * n_combos),
+        "evaluate": len(bases) * (1 + len(held_in) + multitask_models + (n_methods + int(ensemble)) * n_combos),
         "aggregate": 1, "findings": 1, "plot": 1, "all": 1,
+        "task_vector_stats": len(bases), "task_vector_table": 1,
+        "tuning_table": int(any(m.get("tune") for m in config["merge"]["methods"].values())),
     }
     return {rule: n for rule, n in counts.items() if n}
 

@@ -9,10 +9,11 @@ import pytest
 import yaml
 
 from mergescale.config import ConfigError, check_semantics, load_config
-from mergescale.grid import base_labels, instruct_tasks, llama_parameter_count, root_base
+from mergescale.grid import base_labels, instruct_tasks, llama_parameter_count, pretrain_tasks, root_base
 from mergescale.merge.errors import MergeInputError
 from mergescale.models import TinyShape, count_parameters, new_llama
-from mergescale.tasks import ALPHABET, FAMILIES
+from mergescale.tasks import ALPHABET, get_family
+from mergescale.tasks.families import families_with_role
 from mergescale.tokenizer import build_char_tokenizer, char_vocab_size
 from mergescale.tuning import candidates, search_space
 from workflow_helpers import REPO, planned_jobs
@@ -46,9 +47,35 @@ def test_study_spans_sizes_and_qualities():
     assert set(config["merge"]["ks"]) == {2, 4, 6, 8} and config["merge"]["subsets_per_k"] >= 3
 
 
-def test_instruct_mixture_excludes_held_out_only():
-    mixture = instruct_tasks(["second_letter", "min_digit"])
-    assert set(mixture) == set(FAMILIES) - {"second_letter", "min_digit"}
+def test_pretraining_and_instruction_mixtures_exclude_every_benchmark_family():
+    benchmark = set(families_with_role("task"))
+    for mixture in (pretrain_tasks(), instruct_tasks()):
+        assert mixture and not set(mixture) & benchmark
+    assert not set(pretrain_tasks()) & set(instruct_tasks())
+    for config in (load_config(STUDY), load_config(REPO / "config" / "config.yaml")):
+        assert set(config["tasks"]["held_in"] + config["tasks"]["held_out"]) <= benchmark
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_tuning_grids_reach_plain_averaging(k):
+    """Task arithmetic with lambda = 1/k is the experts' average: every grid contains it."""
+    assert search_space("task_arithmetic", True, k=k)["lambda"][0] == round(1 / k, 4)
+    assert 1 / 2 in search_space("task_arithmetic", True, k=2)["lambda"]
+    assert len(search_space("task_arithmetic", True, k=2)["lambda"]) == 4  # 1/2 listed once
+    assert search_space("ties", {"lambda": ["1/k", 1.0]}, k=k) == {"lambda": [round(1 / k, 4), 1.0]}
+
+
+def test_study_tunes_the_paper_methods_on_equal_budgets():
+    config = load_config(STUDY)
+    methods = config["merge"]["methods"]
+    budgets = {}
+    for name in ("task_arithmetic", "ties", "dare_ties"):
+        spec = methods[name]
+        for k in config["merge"]["ks"]:
+            space = search_space(spec["method"], spec["tune"], spec.get("params"), k=k)
+            assert round(1 / k, 4) in space["lambda"], (name, k)
+        budgets[name] = len(candidates(search_space(spec["method"], spec["tune"], spec.get("params"), k=3)))
+    assert len(set(budgets.values())) == 1, budgets
 
 
 def _with_base(spec):
@@ -72,7 +99,9 @@ def test_bad_instruct_base_names_the_key(spec, key):
 
 
 def test_search_space_from_registry_and_config():
-    assert search_space("task_arithmetic", True) == {"lambda": [0.3, 0.5, 0.7, 1.0]}
+    # the registered lambda grid, with 1/k first (k = 2 stands in when k is not given)
+    assert search_space("task_arithmetic", True) == {"lambda": [0.5, 0.3, 0.7, 1.0]}
+    assert search_space("task_arithmetic", True, k=4) == {"lambda": [0.25, 0.3, 0.5, 0.7, 1.0]}
     ties = search_space("ties", True)
     assert set(ties) == {"density", "lambda"}
     assert len(candidates(ties)) == len(ties["density"]) * len(ties["lambda"])
@@ -116,9 +145,10 @@ def expected_study_jobs(config: dict) -> dict[str, int]:
 
     methods = config["merge"]["methods"]
     engine = {n: s for n, s in methods.items() if "method" in s}
-    data_tasks = set(held_in) | set(held_out)
+    data_tasks = set(held_in) | set(held_out) | set(families_with_role("pretrain"))
     if n_source["instruct"]:
-        data_tasks |= set(FAMILIES) - set(held_out)
+        data_tasks |= set(families_with_role("instruct"))
+    multitask_per_subset = int(config["finetune"]["multitask"].get("per_subset", False))
     splits = set(config["evaluate"]["splits"])
     yamls = len(held_in + held_out) * len(splits)
     if "validation" not in splits:
@@ -135,19 +165,20 @@ def expected_study_jobs(config: dict) -> dict[str, int]:
     batches = unbatched = alone = 0
     for b in bases:
         batches += 1
-        unbatched += 1 + len(held_in)
+        unbatched += 1 + len(held_in) + (1 - multitask_per_subset)  # the all-held-in multitask model
         for k in bases[b].get("ks", subsets):
-            members = 1 + sum(runs(b, s, k) for s in engine.values())
+            members = multitask_per_subset + sum(runs(b, s, k) for s in engine.values())
             if members > 1:
                 batches += subsets[k]
                 unbatched += subsets[k] * members
             else:
-                alone += subsets[k]
+                alone += subsets[k] * members
     jobs = {
         "make_task_data": len(data_tasks), "render_task": yamls,
         "pretrain_base": n_source["pretrain"], "instruct_base": n_source["instruct"],
         "finetune_expert": n_bases * len(held_in),
-        "finetune_multitask": sum(n_combos(b) for b in bases),
+        "finetune_multitask": n_bases * (1 - multitask_per_subset) + multitask_per_subset * sum(
+            n_combos(b) for b in bases),
         "merge": sum(n_combos(b, s) for b in bases for s in engine.values()),
         "tune": sum(n_combos(b, s) for b in bases for s in engine.values() if s.get("tune")),
         "compute_stats": len(held_in) * sum(
@@ -159,6 +190,8 @@ def expected_study_jobs(config: dict) -> dict[str, int]:
         "evaluate_batch": batches,
         "unbatch_scores": unbatched,
         "aggregate": 1, "findings": 1, "plot": 1, "all": 1,
+        "task_vector_stats": n_bases, "task_vector_table": 1,
+        "tuning_table": int(any(s.get("tune") for s in engine.values())),
     }
     if n_source["variant"]:
         jobs["variant_base"] = n_source["variant"]
@@ -187,7 +220,7 @@ def test_study_dry_run_plans_the_whole_grid(tmp_path):
     expected = expected_study_jobs(config)
     print(f"config/study.yaml: {sum(jobs.values())} jobs planned in {seconds:.1f}s: {jobs}")
     assert jobs == expected
-    assert seconds < 60
+    assert seconds < 300  # ~10,000 jobs (3 replicates per cell); DAG building must stay cheap
 
 
 def test_unbatched_evaluation_plans_one_job_per_model(tmp_path):
@@ -199,6 +232,8 @@ def test_unbatched_evaluation_plans_one_job_per_model(tmp_path):
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     jobs = planned_jobs(tmp_path / "work", config=path)
     held_in, n_combos = config["tasks"]["held_in"], len(config["merge"]["ks"])  # one subset per k
+    # base, experts; per subset: the multitask model (per_subset), merges and ensemble
+    assert config["finetune"]["multitask"]["per_subset"]
     models = 1 + len(held_in) + n_combos * (1 + len(config["merge"]["methods"]) + 1)
     assert jobs["evaluate"] == models
     assert "evaluate_batch" not in jobs and "unbatch_scores" not in jobs
@@ -207,7 +242,7 @@ def test_unbatched_evaluation_plans_one_job_per_model(tmp_path):
 def test_instruct_base_trains_through_the_workflow(tmp_path):
     """An instruct base is built by the real rule (its script is shared with the
     fine-tuning rules and reads every param they pass): the smoke base further trained
-    on every non-held-out task family."""
+    on the instruction-tuning families; neither card lists a held-in or held-out family."""
     import json
 
     from workflow_helpers import SMOKE_CONFIG, snakemake
@@ -221,5 +256,40 @@ def test_instruct_base_trains_through_the_workflow(tmp_path):
     snakemake(tmp_path, "--cores", "1", "results/bases/smoke-it", config=path)
     card = json.loads((tmp_path / "results/bases/smoke-it/training_card.json").read_text())
     assert card["stage"] == "instruct_base" and card["config"]["steps"] == 10
-    assert card["tasks"] == instruct_tasks(config["tasks"]["held_out"])
-    assert "first_letter" not in card["tasks"]  # the smoke config's held-out task
+    assert card["tasks"] == instruct_tasks()
+    benchmark = config["tasks"]["held_in"] + config["tasks"]["held_out"]
+    assert not set(card["tasks"]) & set(benchmark)
+    base_card = json.loads((tmp_path / "results/bases/smoke/training_card.json").read_text())
+    assert base_card["tasks"] == pretrain_tasks() and not set(base_card["tasks"]) & set(benchmark)
+
+
+def test_subsets_nest_across_k_and_are_distinct():
+    from mergescale.combos import expert_subsets, parse_combo
+
+    held_in = [f"t{i}" for i in range(8)]
+    combos = expert_subsets(held_in, [2, 4, 6, 8], 3, seed=0)
+    by_k = {}
+    for name, tasks in combos.items():
+        k, s = parse_combo(name)
+        assert len(tasks) == k
+        by_k.setdefault(k, {})[s] = set(tasks)
+    assert {k: len(v) for k, v in by_k.items()} == {2: 3, 4: 3, 6: 3, 8: 1}
+    for k, small in ((2, 4), (4, 6)):
+        for s in range(3):
+            assert by_k[k][s] < by_k[small][s]  # each k's subsets extend the smaller k's
+    for k in (2, 4, 6):
+        assert len({frozenset(t) for t in by_k[k].values()}) == 3
+    # another k list does not change the subsets that remain
+    assert expert_subsets(held_in, [2, 4], 3, seed=0) == {
+        n: t for n, t in combos.items() if parse_combo(n)[0] in (2, 4)}
+
+
+def test_study_replicates_every_size_and_quality():
+    config = load_config(STUDY)
+    labels = base_labels(config["bases"])
+    cells = {}
+    for name, v in labels.items():
+        if config["bases"][name]["source"] != "variant":  # same weights, other fine-tuning
+            cells.setdefault((v["size"], v["quality"]), set()).add(v["replicate"])
+    for cell, replicates in cells.items():
+        assert len(replicates) >= 3, cell

@@ -42,7 +42,7 @@ def test_bad_train_config_is_refused():
 
 def test_pretrain_then_finetune_learns_and_is_deterministic(tmp_path):
     data = {}
-    for task in ("first_letter", "parity"):
+    for task in ("first_letter", "parity_number"):
         path = tmp_path / "data" / f"{task}.jsonl"
         write_jsonl(make_splits(task, {"train": 300, "validation": 10, "test": 10})["train"], path)
         data[task] = path
@@ -58,3 +58,26 @@ def test_pretrain_then_finetune_learns_and_is_deterministic(tmp_path):
     assert card["loss_history"][-1]["loss"] < card["loss_history"][0]["loss"]
     model, tok = load_model(tmp_path / "expert")
     assert count_parameters(model) == count_parameters(new_llama(TinyShape(**SHAPE), TOK, 0))
+
+
+def test_training_cards_list_their_families_and_keep_benchmarks_out(tmp_path):
+    """Pretraining and instruction tuning read only their own families: the cards say
+    which, and none is a held-in or held-out (benchmark) family."""
+    from mergescale.grid import instruct_tasks, pretrain_tasks
+    from mergescale.tasks.families import families_with_role
+
+    def files(tasks):
+        out = {}
+        for task in tasks:
+            out[task] = tmp_path / "data" / f"{task}.jsonl"
+            write_jsonl(make_splits(task, {"train": 50, "validation": 5, "test": 5})["train"], out[task])
+        return out
+
+    torch.set_num_threads(1)
+    base = pretrain_base(SHAPE, {"steps": 2, "batch_size": 8}, files(pretrain_tasks()),
+                         tmp_path / "base", log=lambda m: None)
+    it = finetune(tmp_path / "base", {"steps": 2, "batch_size": 8}, files(instruct_tasks()),
+                  tmp_path / "it", stage="instruct_base", log=lambda m: None)
+    benchmark = set(families_with_role("task"))
+    assert base["tasks"] == pretrain_tasks() and it["tasks"] == instruct_tasks()
+    assert not (set(base["tasks"]) | set(it["tasks"])) & benchmark

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mergescale.combos import parse_combo
+from mergescale.combos import ALL_HELD_IN, parse_combo
 from mergescale.tasks import get_family
 
 REPORT_SPLIT = "test"
@@ -79,9 +79,11 @@ COST_COLUMNS = ("merge_seconds", "merge_peak_rss_mb", "fit_seconds", "stats_seco
                 "stats_peak_rss_mb", "merge_params", "exclusive_storage_mb")
 
 
-def _trained_tasks(meta: dict, combos: dict[str, list[str]]) -> set[str]:
+def _trained_tasks(meta: dict, combos: dict[str, list[str]], held_in: list[str]) -> set[str]:
     if meta["kind"] in ("expert", "sparse"):
         return {meta["expert_task"]}
+    if meta["combo"] == ALL_HELD_IN:
+        return set(held_in)
     if meta["combo"] is not None:
         return set(combos[meta["combo"]])
     return set()
@@ -97,8 +99,8 @@ def tidy_scores(score_files: list[str], held_in: list[str], held_out: list[str],
         record = json.loads(Path(path).read_text())
         card = record.get("model_card", {})
         labels = (base_labels or {}).get(meta["base"], {})
-        trained = _trained_tasks(meta, combos)
-        k = parse_combo(meta["combo"])[0] if meta["combo"] is not None else None
+        trained = _trained_tasks(meta, combos, held_in)
+        k = parse_combo(meta["combo"])[0] if meta["combo"] not in (None, ALL_HELD_IN) else None
         for s in record["scores"]:
             rows.append({
                 **meta, "k": k,
@@ -182,8 +184,13 @@ def normalized_scores(scores: pd.DataFrame, held_in: list[str], held_out: list[s
         for combo, tasks_in in combos.items():
             if not (group.combo == combo).any():
                 continue  # a subset this base does not merge (its own `ks`): no reference rows
-            multi = _scores_of(group, kind="multitask", combo=combo)
+            # the subset's own multitask model (per_subset), else the base's one on all held-in tasks
+            per_subset = (group.kind == "multitask") & (group.combo == combo)
+            multi = _scores_of(group, kind="multitask",
+                               combo=combo if per_subset.any() else ALL_HELD_IN)
             candidates = [("base", base_score, None)]
+            if not per_subset.any() and len(multi):
+                candidates.append(("multitask", multi, None))
             for (method, kind), model in group[group.combo == combo].groupby(["method", "kind"]):
                 # merge cost only for merges (a multitask card's wall time is training)
                 first = model.iloc[0] if kind == "merged" else None

@@ -34,6 +34,7 @@ def check_semantics(config: dict) -> None:
     from mergescale.merge.errors import MergeInputError
     from mergescale.sources import SourceConfigError, check_sources, lm_eval_specs
     from mergescale.tasks import get_family
+    from mergescale.tasks.families import families_with_role
 
     held_in, held_out = config["tasks"]["held_in"], config["tasks"]["held_out"]
     lm_eval = lm_eval_specs(config)  # tasks named by public lm-eval tasks, not families
@@ -42,9 +43,13 @@ def check_semantics(config: dict) -> None:
             if name in lm_eval:
                 continue
             try:
-                get_family(name)
+                family = get_family(name)
             except KeyError as err:
                 raise ConfigError(f"config key {key}: {err.args[0]}") from None
+            if family.role != "task":  # pretraining and instruction tuning read it
+                raise ConfigError(
+                    f"config key {key}: {name!r} is a {family.role} family, not a benchmark "
+                    f"family; benchmark families: {', '.join(families_with_role('task'))}")
     overlap = sorted(set(held_in) & set(held_out))
     if overlap:
         raise ConfigError(f"config key tasks.held_out: {overlap} are also held-in")

@@ -3,7 +3,8 @@ from, and the labels (size, base quality) that tables and figures group them by.
 
 from __future__ import annotations
 
-from mergescale.tasks import ALPHABET, FAMILIES
+from mergescale.tasks import ALPHABET
+from mergescale.tasks.families import families_with_role
 from mergescale.tokenizer import char_vocab_size
 
 # Downloaded (hub) and local bases are labelled "pretrained" unless the config says otherwise.
@@ -76,6 +77,13 @@ def finetune_settings(config: dict, base: str, stage: str) -> dict:
     return {**(config.get("finetune") or {}).get(stage, {}), **own}
 
 
-def instruct_tasks(held_out: list[str]) -> list[str]:
-    """The instruction-tuning mixture: every task family that is not held-out."""
-    return sorted(name for name in FAMILIES if name not in set(held_out))
+def pretrain_tasks() -> list[str]:
+    """The pretraining mixture: primitive skills and generic text (role ``pretrain``);
+    no benchmark family (held-in or held-out) is among them."""
+    return families_with_role("pretrain")
+
+
+def instruct_tasks() -> list[str]:
+    """The instruction-tuning mixture (role ``instruct``): disjoint from every benchmark
+    family, held-in and held-out alike, as the paper's instruction-tuned base is."""
+    return families_with_role("instruct")

@@ -23,9 +23,23 @@ from mergescale.merge import MergeRequest, get_method, run_merge, validate_param
 from mergescale.merge.errors import MergeInputError
 
 
-def search_space(method_name: str, tune: bool | dict, fixed: dict | None = None) -> dict[str, list]:
+ONE_OVER_K = "1/k"  # a grid value: 1 / (number of merged experts), plain averaging's lambda
+
+
+def _grid_value(value, k: int | None):
+    if value == ONE_OVER_K:
+        return round(1 / (k or 2), 4)  # without k (config check): any k stands in
+    return value
+
+
+def search_space(method_name: str, tune: bool | dict, fixed: dict | None = None,
+                 k: int | None = None) -> dict[str, list]:
     """{hyperparameter: values}: the config's grid if given, else the registered grids of
-    the hyperparameters the config does not fix."""
+    the hyperparameters the config does not fix.
+
+    A value "1/k" stands for 1 / (number of merged experts); a registered lambda grid
+    gains it, so a tuned task-vector method can always reach plain averaging's scale
+    (task arithmetic with lambda = 1/k is the average of the experts)."""
     method = get_method(method_name)
     fixed = fixed or {}
     if isinstance(tune, dict):
@@ -34,10 +48,13 @@ def search_space(method_name: str, tune: bool | dict, fixed: dict | None = None)
             hp = method.hyperparameter(name)
             if hp is None:
                 raise MergeInputError(f"tune.{name}: {method_name} has no hyperparameter {name!r}")
-            space[name] = [hp.check(v, where="tune") for v in values]
+            checked = [hp.check(_grid_value(v, k), where="tune") for v in values]
+            space[name] = list(dict.fromkeys(checked))  # 1/k may equal a listed value
         return space
     space = {hp.name: list(hp.grid) for hp in method.hyperparameters
              if hp.grid and hp.name not in fixed}
+    if "lambda" in space:
+        space["lambda"] = list(dict.fromkeys([_grid_value(ONE_OVER_K, k), *space["lambda"]]))
     if not space:
         raise MergeInputError(
             f"{method_name} has no registered grid to tune (give one: tune: {{name: [values]}})")
@@ -97,3 +114,25 @@ def tune_merge(*, method: str, base: Path, experts: list[Path], space: dict[str,
     atomic_write_json(out, record)
     log(f"chose {record['chosen']} (validation {results[best]['mean']:.3f})")
     return record
+
+
+def tuning_table(records: dict[tuple[str, str, str], dict]) -> str:
+    """Markdown of the chosen hyperparameters: one row per (base, method, k), the value
+    chosen in each subset and how many candidates were scored ({(base, method, combo): record})."""
+    from mergescale.combos import parse_combo
+
+    rows: dict[tuple[str, str, int], list[str]] = {}
+    budget: dict[tuple[str, str, int], int] = {}
+    for (base, method, combo), record in sorted(records.items()):
+        k = parse_combo(combo)[0]
+        chosen = ", ".join(f"{name}={record['chosen'][name]}" for name in sorted(record["space"]))
+        rows.setdefault((base, method, k), []).append(
+            f"{combo}: {chosen} ({record['chosen_validation_mean']:.3f})")
+        budget[(base, method, k)] = len(record["candidates"])
+    lines = ["# Tuned hyperparameters", "",
+             "Chosen on the validation split per expert subset (mean validation exact match of "
+             "the subset's tasks in brackets); `candidates` is the number of merges scored.", "",
+             "| base | method | k | candidates | chosen |", "|---|---|---|---|---|"]
+    for (base, method, k), chosen in sorted(rows.items()):
+        lines.append(f"| {base} | {method} | {k} | {budget[(base, method, k)]} | {'; '.join(chosen)} |")
+    return "\n".join(lines) + "\n"

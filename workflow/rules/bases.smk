@@ -1,6 +1,6 @@
 rule pretrain_base:
     input:
-        unpack(lambda wc: train_files(PROCEDURAL_TASKS)),
+        unpack(lambda wc: train_files(PRETRAIN_TASKS)),
     output:
         directory("results/bases/{base}"),
     log:
@@ -20,7 +20,7 @@ rule pretrain_base:
 
 
 # An "instruction-tuned" base (the paper's PaLM-2-IT): another base further trained on
-# the answers of every task family that is not held-out.
+# the answers of the instruction-tuning families, disjoint from held-in and held-out ones.
 rule instruct_base:
     input:
         unpack(lambda wc: train_files(INSTRUCT_TASKS)),

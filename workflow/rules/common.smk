@@ -7,10 +7,10 @@ from snakemake.utils import validate
 # The package lives in src/; a source checkout works without installing it.
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
-from mergescale.combos import expert_subsets, parse_combo
+from mergescale.combos import ALL_HELD_IN, expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
 from mergescale.evaluate import check_backend
-from mergescale.grid import base_labels, finetune_settings, instruct_tasks
+from mergescale.grid import base_labels, finetune_settings, instruct_tasks, pretrain_tasks
 from mergescale.atlas_study import atlas_plan
 from mergescale.cross_seed_study import cross_seed_plan
 from mergescale.sparse_soups_study import sparse_soups_plan
@@ -76,9 +76,11 @@ LM_EVAL_TASKS = lm_eval_specs(config)
 PROCEDURAL_TASKS = procedural_tasks(config)
 FETCHED_BASES = fetched_bases(config)
 FETCHED_EXPERT_BASES = bases_with_fetched_experts(config)
-# Instruct bases train on every family that is not held-out, so those need data too.
-INSTRUCT_TASKS = instruct_tasks(HELD_OUT) if INSTRUCT_BASES else []
-DATA_TASKS = PROCEDURAL_TASKS + [t for t in INSTRUCT_TASKS if t not in PROCEDURAL_TASKS]
+# Pretraining and instruction tuning read families of their own (mergescale.tasks.families:
+# roles), disjoint from the held-in and held-out ones; those need data too.
+PRETRAIN_TASKS = pretrain_tasks() if PRETRAINED_BASES else []
+INSTRUCT_TASKS = instruct_tasks() if INSTRUCT_BASES else []
+DATA_TASKS = PROCEDURAL_TASKS + [t for t in PRETRAIN_TASKS + INSTRUCT_TASKS if t not in PROCEDURAL_TASKS]
 
 # Extra figures and tables that method rules add to `rule all`.
 EXTRA_FINAL_OUTPUT = []
@@ -100,7 +102,7 @@ def model_dirs():
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
         if has_multitask(config):
-            out += [f"multitask/{base}/{c}" for c in base_combos(base)]
+            out += [f"multitask/{base}/{t}" for t in multitask_tasksets(base)]
         out += [f"merged/{base}/{m}/{c}" for m in METHODS for c in method_combos(m, base)]
         if config["evaluate"].get("ensemble", True):
             out += [f"ensembles/{base}/{c}" for c in base_combos(base)]
@@ -124,6 +126,8 @@ def eval_batches():
         if uses_chat_template(base):
             continue
         if kind in ("bases", "experts"):
+            groups.setdefault(f"experts/{base}", []).append(path)
+        elif kind == "multitask" and rest[0] == ALL_HELD_IN:  # the one reference of a base
             groups.setdefault(f"experts/{base}", []).append(path)
         elif kind == "multitask":
             groups.setdefault(f"merged/{base}/{rest[0]}", []).append(path)
@@ -157,6 +161,8 @@ def get_final_output():
         "results/findings.md",
         *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
         "results/plots/base_quality.png",
+        "results/tables/task_vectors.md",
+        *(["results/tables/tuning.md"] if tuning_records() else []),
     ] + (CROSS_SEED.final_outputs() if CROSS_SEED else []) + EXTRA_FINAL_OUTPUT
 
 
@@ -176,10 +182,25 @@ def expert_train_config(base):
     return {"seed": config["seed"], **finetune_settings(config, base, "expert")}
 
 
-def multitask_train_config(base, combo):
-    """The multitask run for a subset sees the data its k experts saw together."""
+# The multitask reference: one per base on every held-in task (ALL_HELD_IN, the paper's);
+# with finetune.multitask.per_subset, one per expert subset (results/multitask/{base}/{combo}).
+def multitask_per_subset():
+    return (config.get("finetune") or {}).get("multitask", {}).get("per_subset", False)
+
+
+def multitask_tasksets(base):
+    return base_combos(base) if multitask_per_subset() else [ALL_HELD_IN]
+
+
+def multitask_tasks(taskset):
+    return HELD_IN if taskset == ALL_HELD_IN else COMBOS[taskset]
+
+
+def multitask_train_config(base, taskset):
+    """A multitask run sees the data its experts saw together: steps_per_task x tasks."""
     spec = finetune_settings(config, base, "multitask")
-    steps = spec.pop("steps_per_task") * len(COMBOS[combo])
+    spec.pop("per_subset", None)
+    steps = spec.pop("steps_per_task") * len(multitask_tasks(taskset))
     return {"seed": config["seed"], **spec, "steps": steps}
 
 
@@ -209,6 +230,13 @@ def method_params(wildcards):
 def get_method_source(wildcards):
     # The file that implements the method: editing it re-runs only its merges.
     return get_method(METHODS[wildcards.method]["method"]).source_file
+
+
+def tuning_records():
+    """Every tuning record the grid writes (tuned engine methods on grid bases)."""
+    return [f"results/tuning/{base}/{m}/{c}.json" for base in GRID_BASES
+            for m in METHODS if "method" in METHODS[m] and METHODS[m].get("tune")
+            for c in method_combos(m, base)]
 
 
 def get_tuning_record(wildcards):

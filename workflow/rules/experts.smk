@@ -23,16 +23,18 @@ rule finetune_expert:
 
 rule finetune_multitask:
     input:
-        unpack(lambda wc: train_files(COMBOS[wc.combo])),
+        unpack(lambda wc: train_files(multitask_tasks(wc.taskset))),
         base="results/bases/{base}",
     output:
-        directory("results/multitask/{base}/{combo}"),
+        directory("results/multitask/{base}/{taskset}"),
     log:
-        "results/logs/finetune_multitask/{base}/{combo}.log",
+        "results/logs/finetune_multitask/{base}/{taskset}.log",
     benchmark:
-        "results/benchmarks/finetune_multitask/{base}/{combo}.tsv"
+        "results/benchmarks/finetune_multitask/{base}/{taskset}.tsv"
+    wildcard_constraints:
+        taskset=rf"{ALL_HELD_IN}|k\d+s\d+",
     params:
-        train=lambda wc: multitask_train_config(wc.base, wc.combo),
+        train=lambda wc: multitask_train_config(wc.base, wc.taskset),
         stage="finetune_multitask",
         chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1

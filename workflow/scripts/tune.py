@@ -10,7 +10,8 @@ with log_to(snakemake.log[0]) as log:
     tune_merge(
         method=p.method, base=Path(snakemake.input.base),
         experts=[Path(e) for e in snakemake.input.experts],
-        space=search_space(p.method, p.tune if isinstance(p.tune, bool) else dict(p.tune), fixed),
+        space=search_space(p.method, p.tune if isinstance(p.tune, bool) else dict(p.tune), fixed,
+                           k=len(p.tasks)),
         fixed=fixed, task_dir=Path(snakemake.input.tasks[0]).parent, tasks=list(p.tasks),
         out=Path(snakemake.output[0]), dtype=p.dtype, seed=p.seed,
         batch_size=p.batch_size, limit=p.limit, log=log,

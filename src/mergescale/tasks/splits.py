@@ -19,6 +19,11 @@ def _task_seed(task: str, seed: int) -> int:
     return int(digest[:16], 16)
 
 
+def example_key(row: dict) -> str:
+    """What makes an example unique: its prompt (generic text has none: its line)."""
+    return row["prompt"] or row["answer"]
+
+
 def make_splits(task: str, sizes: dict[str, int], seed: int = 0) -> dict[str, list[dict]]:
     """Draw unique examples of ``task`` and deal them into disjoint splits.
 
@@ -41,9 +46,10 @@ def make_splits(task: str, sizes: dict[str, int], seed: int = 0) -> dict[str, li
                     f"split {split!r} (asked for {want}); lower data sizes in the config"
                 )
             ex = family.example(rng)
-            if ex["prompt"] in seen:
+            key = example_key(ex)
+            if key in seen:
                 continue
-            seen.add(ex["prompt"])
+            seen.add(key)
             rows.append(ex)
         out[split] = rows
     return out

@@ -1,0 +1,40 @@
+# How far each base's experts move from it (task-vector norms) and how their moves
+# relate (cosine similarity): the regime merging works in.
+rule task_vector_stats:
+    input:
+        base="results/bases/{base}",
+        experts=lambda wc: [f"results/experts/{wc.base}/{t}" for t in HELD_IN],
+    output:
+        "results/tables/task_vectors/{base}.json",
+    log:
+        "results/logs/task_vector_stats/{base}.log",
+    params:
+        tasks=HELD_IN,
+    threads: 1
+    resources:
+        mem_mb=2000,
+    script:
+        "../scripts/task_vector_stats.py"
+
+
+rule task_vector_table:
+    input:
+        expand("results/tables/task_vectors/{base}.json", base=GRID_BASES),
+    output:
+        report("results/tables/task_vectors.md", caption="../report/task_vectors.rst", category="Tables"),
+    log:
+        "results/logs/task_vector_table.log",
+    script:
+        "../scripts/task_vector_table.py"
+
+
+# The hyperparameters tuning chose, per base, method and k.
+rule tuning_table:
+    input:
+        tuning_records(),
+    output:
+        report("results/tables/tuning.md", caption="../report/tuning.rst", category="Tables"),
+    log:
+        "results/logs/tuning_table.log",
+    script:
+        "../scripts/tuning_table.py"
