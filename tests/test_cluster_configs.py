@@ -81,7 +81,8 @@ LARGEST = {"mergebench": ("gemma-2-9b", 9.24e9, 256000 * 3584),
 # Rules that run on the submit host (localrules) and hold no model.
 LIGHT = {"download_base", "download_expert", "export_lm_eval_train", "export_lm_eval_validation",
          "make_task_data", "render_task",
-         "render_lm_eval_validation", "ensemble", "unbatch_scores", "aggregate", "findings", "plot", "all"}
+         "render_lm_eval_validation", "ensemble", "unbatch_scores", "aggregate", "findings", "plot",
+         "task_vector_table", "tuning_table", "all"}
 
 
 def _held_bytes(rule: str, work, k: int, params: float, embedding: int) -> float:

@@ -90,6 +90,9 @@ WORK = {
     "barrier": Work("fit", models=lambda k: 4),
     "merge_lora_lego": Work("convert", models=lambda k: 2, forward=False),
     "import_base": Work("convert", models=lambda k: 2, forward=False),
+    # one tensor of the base and of every expert, their task vectors stacked, and a float64
+    # copy of the stack; its rule passes the number of experts (it has no subset)
+    "task_vector_stats": Work("stream", models=lambda k: 3 * k + 2, forward=False),
 }
 
 

@@ -306,7 +306,7 @@ def train_settings(rule, wildcards, base):
     if rule == "instruct_base":
         return config["bases"][base]["train"]
     if rule == "finetune_multitask":
-        return multitask_train_config(base, wildcards.combo)
+        return multitask_train_config(base, wildcards.taskset)
     return expert_train_config(base)
 
 
@@ -345,6 +345,12 @@ def rule_resources(rule, work=None):
 
 def merge_rule_work(wildcards):
     return merge_work(get_method(METHODS[wildcards.method]["method"]))
+
+
+def task_vector_work(wildcards):
+    """Every held-in expert of the base at once (the job has no subset to count them)."""
+    every = RESOURCE_WORK["task_vector_stats"]
+    return Work(every.kind, models=lambda k: every.models(len(HELD_IN)), forward=every.forward)
 
 
 def evaluate_work(wildcards):

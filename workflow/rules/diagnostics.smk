@@ -12,7 +12,7 @@ rule task_vector_stats:
         tasks=HELD_IN,
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("task_vector_stats", task_vector_work),
     script:
         "../scripts/task_vector_stats.py"
 
