@@ -10,7 +10,10 @@ their wall and CPU seconds, and splits each job's wall time into
   work:     the script's body (`mergescale.job.log_to`; imports done lazily inside it
             count as work),
   other:    what the benchmark saw around both (Snakemake's job wrapper and shell),
-from the timing line every job writes at the end of its log. With --wall (the run's wall
+from the timing line every job writes at the end of its log. For jobs the run's worker
+ran (mergescale.worker), start-up is the client's: its interpreter, Snakemake's preamble,
+the hand-over and the fork; their CPU is the benchmark's (the client) plus the worker
+child's, from the same line. With --wall (the run's wall
 time in seconds) it also reports the scheduler's share: core-seconds the run had
 (wall x cores) that no job used. With --configfile it also asks Snakemake (dry run) which
 jobs are still to run and estimates their wall time on --cores cores: per rule, the
@@ -34,16 +37,20 @@ from mergescale.job import read_timing  # noqa: E402
 
 
 def finished_jobs(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    """{rule: [(wall s, cpu s), ...]} from results/benchmarks/<rule>/**.tsv."""
+    """{rule: [(wall s, cpu s), ...]} from results/benchmarks/<rule>/**.tsv, plus the CPU
+    of the worker's child for jobs the worker ran (the benchmark sees only the client)."""
     out = defaultdict(list)
     root = run_dir / "results" / "benchmarks"
+    logs = run_dir / "results" / "logs"
     for tsv in sorted(root.rglob("*.tsv")):
         rows = list(csv.DictReader(tsv.open(), delimiter="\t"))
         if not rows:
             continue
-        rule = tsv.relative_to(root).parts[0].removesuffix(".tsv")
-        cpu = rows[-1].get("cpu_time") or "nan"
-        out[rule].append((float(rows[-1]["s"]), float(cpu)))
+        rel = tsv.relative_to(root)
+        rule = rel.parts[0].removesuffix(".tsv")
+        cpu = float(rows[-1].get("cpu_time") or "nan")
+        timing = read_timing((logs / rel).with_suffix(".log")) or {}
+        out[rule].append((float(rows[-1]["s"]), cpu + timing.get("worker_cpu_s", 0.0)))
     return out
 
 
