@@ -62,7 +62,7 @@ def job_splits(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
         timing = read_timing(log)
         if timing is None:
             continue
-        rule = log.relative_to(root).parts[0]
+        rule = log.relative_to(root).parts[0].removesuffix(".log")
         out[rule].append((timing["work_start"] - timing["process_start"],
                           timing["work_end"] - timing["work_start"]))
     return out
@@ -108,6 +108,13 @@ def main(argv=None) -> None:
         print(f"{rule:28s} {len(jobs):5d} {wall:9.1f} {cpu:9.1f} {cpu / len(jobs):9.1f} "
               f"{startup:9.1f} {work:9.1f} {wall - startup - work:9.1f} "
               f"{100 * work / wall if wall else 0:6.0f}%")
+    light = {rule: jobs for rule, jobs in splits.items() if rule not in done}
+    if light:  # rules without a benchmark file: their wall time is start-up + work
+        startup = sum(s for jobs in light.values() for s, _ in jobs)
+        work = sum(w for jobs in light.values() for _, w in jobs)
+        print(f"rules without benchmark files ({', '.join(sorted(light))}): "
+              f"{sum(map(len, light.values()))} jobs, start-up {startup:.1f} s + work {work:.1f} s "
+              f"({100 * work / (startup + work) if startup + work else 0:.0f}% work)")
     total_cpu = sum(c for jobs in done.values() for _, c in jobs)
     print(f"finished: {sum(map(len, done.values()))} jobs, {total_cpu:.0f} CPU s "
           f"(>= {total_cpu / args.cores / 60:.1f} min of wall on {args.cores} cores)")

@@ -219,3 +219,20 @@ def test_a_changed_package_source_starts_a_fresh_server(tmp_path):
         assert started_servers(run) == 2
     finally:
         worker.stop(run)
+
+
+def test_a_delegated_job_times_its_start_up_from_the_client_and_records_its_cpu(run_dir):
+    """Start-up runs from the client's start (here: 0.3 s asleep before delegating); the
+    child's CPU, which Snakemake's benchmark of the client cannot see, is in the log."""
+    from mergescale.job import read_timing
+
+    script = run_dir / "timed.py"
+    script.write_text("import time; time.sleep(0.3)\n" + PREAMBLE +
+                      "from mergescale.job import log_to\n"
+                      "with log_to(sys.argv[1]):\n"
+                      "    sum(i * i for i in range(2_000_000))\n")
+    proc = run_job(run_dir, script, "timed.log")
+    assert proc.returncode == 0, proc.stderr
+    timing = read_timing(run_dir / "timed.log")
+    assert 0.3 <= timing["work_start"] - timing["process_start"] < 60
+    assert timing["worker_cpu_s"] > 0.05 and timing["worker_max_rss"] > 2**20
