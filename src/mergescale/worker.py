@@ -413,13 +413,15 @@ def serve(key: str) -> None:
 
     while listener is not None or jobs:
         for sel_key, _ in sel.select(timeout=1.0):
-            if sel_key.data == "accept" and listener is not None:
+            if sel_key.data == "accept":
+                if listener is None:  # closed by an earlier event of this round
+                    continue
                 try:
                     conn, _ = listener.accept()
                 except OSError:
                     continue
                 if _serve_request(conn, state, sources, jobs, sel,
-                                  [listener, wake_r, wake_w]):
+                                  [listener, wake_r, wake_w], stop_listening):
                     last_job = time.monotonic()
             elif sel_key.data == "wake":
                 try:
@@ -443,7 +445,7 @@ def serve(key: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] worker {os.getpid()} stopped", flush=True)
 
 
-def _serve_request(conn, state, sources, jobs, sel, server_socks) -> bool:
+def _serve_request(conn, state, sources, jobs, sel, server_socks, stop_listening) -> bool:
     """Read one request; fork its job. True when a job started."""
     import selectors
 
@@ -464,6 +466,7 @@ def _serve_request(conn, state, sources, jobs, sel, server_socks) -> bool:
             return False
         if request["kind"] == "stop":
             state["stopping"] = True
+            stop_listening()
             send_msg(conn, {"stopping": True})
             conn.close()
             return False
@@ -473,6 +476,7 @@ def _serve_request(conn, state, sources, jobs, sel, server_socks) -> bool:
         if state["stopping"] or _changed(sources):
             # stale imports: this server takes no more jobs; the client starts a fresh one
             state["stopping"] = True
+            stop_listening()  # before the reply: the client's next connect must not reach us
             send_msg(conn, {"stale": True})
             conn.close()
             return False
