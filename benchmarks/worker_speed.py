@@ -7,8 +7,8 @@ Runs the workflow from scratch once per mode, in a fresh directory under --out: 
 (the default: jobs are forked by mergescale.worker) and `plain` (MERGESCALE_WORKER=0,
 every job its own interpreter, as before the worker). For each run it prints the wall
 time, the load average sampled every 5 s while it ran (other users' load slows both
-modes), how many worker servers started, and benchmarks/workflow_time.py's split of the
-jobs' time into start-up, work and other.
+modes), how many worker servers started and the CPU of their imports (no job's), and
+benchmarks/workflow_time.py's split of the jobs' time into start-up, work and other.
 """
 
 from __future__ import annotations
@@ -48,13 +48,15 @@ def run(mode: str, configfile: Path, cores: int, workdir: Path) -> dict:
     done.set()
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-    servers = sum(len(re.findall(r"worker \d+ listening", p.read_text()))
-                  for p in (workdir / ".snakemake" / "mergescale-worker").glob("*.log"))
+    server_logs = [p.read_text() for p in (workdir / ".snakemake" / "mergescale-worker").glob("*.log")]
+    servers = sum(len(re.findall(r"worker \d+ listening", text)) for text in server_logs)
+    import_cpu = sum(float(cpu) for text in server_logs
+                     for cpu in re.findall(r"modules in [\d.]+ s \(([\d.]+) CPU s\)", text))
     split = subprocess.run([sys.executable, str(REPO / "benchmarks" / "workflow_time.py"),
                             str(workdir), "--wall", f"{wall:.1f}", "--cores", str(cores)],
                            capture_output=True, text=True, check=True).stdout
     return {"wall": wall, "load": sum(loads) / len(loads) if loads else os.getloadavg()[0],
-            "servers": servers, "split": split}
+            "servers": servers, "import_cpu": import_cpu, "split": split}
 
 
 def main(argv=None) -> None:
@@ -68,7 +70,8 @@ def main(argv=None) -> None:
     for mode in args.order.split(","):
         results[mode] = r = run(mode, args.configfile, args.cores, args.out / f"{args.configfile.stem}-{mode}")
         print(f"== {mode}: {r['wall']:.0f} s wall, mean load average {r['load']:.1f} on "
-              f"{os.cpu_count()} cores, {r['servers']} worker server(s) started\n{r['split']}", flush=True)
+              f"{os.cpu_count()} cores, {r['servers']} worker server(s) started (their imports: "
+              f"{r['import_cpu']:.1f} CPU s)\n{r['split']}", flush=True)
     if {"worker", "plain"} <= set(results):
         print(f"plain / worker wall time: {results['plain']['wall'] / results['worker']['wall']:.2f}x")
 

@@ -41,6 +41,7 @@ ENV_IDLE = "MERGESCALE_WORKER_IDLE_S"     # seconds a server waits for the next 
 ENV_PRELOAD = "MERGESCALE_WORKER_PRELOAD"  # comma-separated modules instead of PRELOAD
 DEFAULT_IDLE_S = 120.0
 START_TIMEOUT_S = 30.0                    # for a new server to listen
+ACCEPT_TIMEOUT_S = 600.0                  # for a server to take the job (its imports first)
 WORKER_DIR = Path(".snakemake") / "mergescale-worker"  # under the run directory
 
 # Imported by the server before it forks: what the workflow's scripts import (Snakemake's
@@ -144,10 +145,14 @@ def run_in_worker(script: str, fds: tuple[int, int, int] = (0, 1, 2)) -> int:
             raise WorkerUnavailable(f"{type(exc).__name__}: {exc}") from None
         with sock:
             try:
+                sock.settimeout(ACCEPT_TIMEOUT_S)
                 send_msg(sock, request)
                 with _stdio_fds(fds) as job_fds:
                     socket.send_fds(sock, [b"F"], list(job_fds))
                 reply = recv_msg(sock)
+                sock.settimeout(None)
+            except TimeoutError:  # the server forks no job whose client has gone
+                raise WorkerUnavailable(f"no answer in {ACCEPT_TIMEOUT_S:.0f} s") from None
             except OSError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 continue
@@ -442,7 +447,8 @@ def serve(key: str) -> None:
         idle = not jobs and time.monotonic() - last_job > idle_s
         if listener is not None and (state["stopping"] or idle or not _same_inode(path, inode)):
             stop_listening()
-    print(f"[{time.strftime('%H:%M:%S')}] worker {os.getpid()} stopped", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] worker {os.getpid()} stopped after "
+          f"{time.process_time():.1f} CPU s of its own", flush=True)
 
 
 def _serve_request(conn, state, sources, jobs, sel, server_socks, stop_listening) -> bool:
@@ -552,8 +558,8 @@ def _preload() -> None:
     import threading
 
     print(f"[{time.strftime('%H:%M:%S')}] worker {os.getpid()} imported {len(sys.modules)} "
-          f"modules in {time.monotonic() - start:.1f} s; {threading.active_count()} Python "
-          f"thread(s)", flush=True)
+          f"modules in {time.monotonic() - start:.1f} s ({time.process_time():.1f} CPU s); "
+          f"{threading.active_count()} Python thread(s)", flush=True)
 
 
 def _source_stamps() -> dict[str, tuple[int, int]]:
