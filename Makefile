@@ -11,13 +11,25 @@ MERGEKIT_VENV := .venv-mergekit
 MERGEKIT_STAMP := $(MERGEKIT_VENV)/.installed
 CONFIG ?= config/config.yaml
 CORES ?= all
+# The replicated study, then the other-methods grid (one size, every method, 3 seeds) when
+# its config exists. The grids keep separate results trees so that their tables never mix:
+# the study's in results/, the other methods' in $(METHODS_DIR)/results/.
+STUDY_CONFIG := config/study.yaml
+METHODS_CONFIG := config/study-methods.yaml
+METHODS_DIR := results-methods
+# When, at which commit and on which machine the run ran, step by step (its wall time);
+# the results page reads it.
+RUN_RECORD := results/run.json
+RECORD = $(BIN)/mergescale record-run $(RUN_RECORD)
+NOW := date -u +%Y-%m-%dT%H:%M:%SZ
 
-.PHONY: run test report dryrun clean-results help
+.PHONY: run study test report dryrun clean-results help
 
 help:
 	@echo "make run     - install (first time) and run the default workflow ($(CONFIG))"
 	@echo "make test    - install (first time) and run the whole test suite"
-	@echo "make report  - rebuild tables, figures and results/report.html from existing scores"
+	@echo "make study   - install (first time) and run the study ($(STUDY_CONFIG), then $(METHODS_CONFIG)), timed into $(RUN_RECORD)"
+	@echo "make report  - rebuild tables, figures, results/report.html and docs/results.md from existing scores"
 	@echo "make dryrun  - print the jobs the workflow would run"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -37,18 +49,38 @@ $(MERGEKIT_STAMP):
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
 
+# The wall time includes the install (timed from before it, so a fresh clone counts it).
+study:
+	t0=$$($(NOW)); $(MAKE) --no-print-directory $(STAMP) && $(RECORD) --new --step install --start $$t0
+	t0=$$($(NOW)); $(BIN)/snakemake --cores $(CORES) --configfile $(STUDY_CONFIG) \
+		&& $(RECORD) --step $(STUDY_CONFIG) --config $(STUDY_CONFIG) --start $$t0
+	if [ -f $(METHODS_CONFIG) ]; then t0=$$($(NOW)); \
+		$(BIN)/snakemake --cores $(CORES) --configfile $(METHODS_CONFIG) --directory $(METHODS_DIR) \
+		&& $(RECORD) --step $(METHODS_CONFIG) --config $(METHODS_CONFIG) --results $(METHODS_DIR)/results --start $$t0; fi
+
 dryrun: $(STAMP)
 	$(BIN)/snakemake -n --configfile $(CONFIG)
 
 # Tables, figures, findings and the HTML report from the scores already there: only the
 # light rules may run (nothing is trained, merged or evaluated again).
 REPORT_RULES := aggregate findings plot report_sparse_soups all
+# The config that made results/: CONFIG when given, else the one results/run.json names
+# (make study records it), else the default.
+REPORT_CONFIG = $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(or $(shell \
+	$(BIN)/python -c "import json; print(json.load(open('$(RUN_RECORD)')).get('config', ''))" 2>/dev/null),$(CONFIG)))
+# Then the results page, docs/results.md (figures in docs/figures/), with the other-methods
+# grid's table when that grid has run.
 report: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --allowed-rules $(REPORT_RULES) --forcerun aggregate
-	$(BIN)/snakemake --configfile $(CONFIG) --report results/report.html
+	$(BIN)/snakemake --cores $(CORES) --configfile $(REPORT_CONFIG) --allowed-rules $(REPORT_RULES) --forcerun aggregate
+	$(BIN)/snakemake --configfile $(REPORT_CONFIG) --report results/report.html
+	if [ -f $(METHODS_CONFIG) ] && [ -d $(METHODS_DIR)/results/evals ]; then \
+		$(BIN)/snakemake --cores $(CORES) --configfile $(METHODS_CONFIG) --directory $(METHODS_DIR) \
+		--allowed-rules $(REPORT_RULES) --forcerun aggregate; fi
+	$(BIN)/mergescale results results -o docs/results.md --figures docs/figures \
+		$$([ -f $(METHODS_DIR)/results/tables/normalized.csv ] && echo --methods $(METHODS_DIR)/results)
 
 test: $(STAMP) $(MERGEKIT_STAMP)
 	MERGEKIT_VENV=$(MERGEKIT_VENV) $(BIN)/pytest -ra
 
 clean-results:
-	rm -rf results .snakemake
+	rm -rf results .snakemake $(METHODS_DIR)

@@ -11,6 +11,11 @@ wait4), their ratio, and the floor: the time to read every input byte once from 
 page cache. Finally it checks that the two merged models agree within bfloat16
 rounding (mergekit computes in bfloat16, mergescale in float32).
 
+With --methods, it then merges the first --method-layers layers (plus embeddings and
+output head, through a `slices:` config) with every data-free method in this process
+and prints each one's throughput, GB of input read and merged per second, beside the
+read floor's.
+
 mergekit lives in its own virtual environment because its pins may conflict:
     python3 -m venv benchmarks/.cache/mergekit-venv
     benchmarks/.cache/mergekit-venv/bin/pip install mergekit==0.1.5 torch==2.13.0
@@ -164,6 +169,41 @@ def compare(ours: Path, others: list[Path], base_dir: Path, expert_dirs: list[Pa
     ]
 
 
+def method_throughput(base: Path, experts: list[Path], threads: int, layers: int, floor_gbps: float) -> list[dict]:
+    """GB of input per second of every data-free method, on the first `layers` layers."""
+    from mergescale.merge import list_methods, run_merge
+    from mergescale.merge.config import parse_merge_config
+
+    torch.set_num_threads(threads)
+    rows = []
+    print(f"data-free methods, first {layers} layers + embeddings + head, {threads} threads "
+          f"(read floor {floor_gbps:.2f} GB/s):", flush=True)
+    for method in list_methods():
+        if method.stats or method.needs_data:
+            continue
+        k = min(max(method.min_experts, len(experts)), method.max_experts or len(experts))
+        inputs = ([base] if method.uses_base else []) + experts[:k]
+        data = {"merge_method": method.name, "dtype": "bfloat16",
+                "slices": [{"sources": [{"model": str(p), "layer_range": [0, layers]} for p in inputs]}]}
+        if method.uses_base:
+            data["base_model"] = str(base)
+        if method.hyperparameter("density") is not None:
+            data["parameters"] = {"density": 0.2}
+        out = CACHE / "runs" / f"throughput_{method.name}"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        result = run_merge(parse_merge_config(data, out, threads=threads, progress=False))
+        wall = time.perf_counter() - start
+        shutil.rmtree(out, ignore_errors=True)
+        read = result.card["output_bytes"] * len(inputs)  # bf16 in, bf16 out: same bytes per input
+        row = {"method": method.name, "inputs": len(inputs), "input_gb": read / 1e9, "wall_s": wall,
+               "gb_per_s": read / 1e9 / wall}
+        rows.append(row)
+        print(f"  {method.name:>18}: {len(inputs)} inputs, {row['input_gb']:.2f} GB in {wall:6.2f} s = "
+              f"{row['gb_per_s']:5.2f} GB/s ({row['gb_per_s'] / floor_gbps:.0%} of the read floor)", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=4)
@@ -174,6 +214,9 @@ def main() -> None:
     parser.add_argument("--skip-check", action="store_true",
                         help="skip the second (float32-compute) mergekit run used for the agreement check")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--methods", action="store_true",
+                        help="also measure every data-free method's throughput (in this process)")
+    parser.add_argument("--method-layers", type=int, default=4, help="layers merged per method with --methods")
     parser.add_argument("--compare-only", action="store_true",
                         help="only compare the outputs of the previous run (benchmarks/.cache/runs)")
     args = parser.parse_args()
@@ -251,6 +294,9 @@ def main() -> None:
             ok = agree["untied_fraction_within_2_bf16_ulps"] > 0.9999
             print("outputs agree within bf16 rounding wherever no trim threshold is tied" if ok
                   else "OUTPUTS DISAGREE beyond bf16 rounding")
+    if args.methods:
+        results["methods"] = method_throughput(base, experts, args.threads, args.method_layers,
+                                               input_bytes / 1e9 / floor)
     print(f"load average at the end: {os.getloadavg()[0]:.2f} (other work on the machine slows every tool)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

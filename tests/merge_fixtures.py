@@ -62,3 +62,37 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(f))
     return state
+
+
+def save_word_tokenizer(path: Path, vocab_size: int = 128) -> None:
+    """A word-level tokenizer with exactly `vocab_size` tokens (tokens "w0", "w1", ...)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
+
+
+def run_mergekit(venv: str | Path, jobs: list[tuple[str, Path, Path]], log_dir: Path, parallel: int = 2) -> dict:
+    """Run `mergekit-yaml config out` for each (name, config, out), `parallel` at a time;
+    returns name -> (config, out, return code, log file)."""
+    import subprocess
+
+    exe = Path(venv) / "bin" / "mergekit-yaml"
+    results, running = {}, []
+    for job in list(jobs) + [None] * parallel:
+        if job is not None:
+            name, config, out = job
+            log = open(log_dir / f"{name}.log", "w")
+            cmd = [str(exe), str(config), str(out), "--no-copy-tokenizer", "--quiet", "--num-threads", "1"]
+            running.append((name, config, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        while running and (len(running) >= parallel or job is None):
+            name, config, out, proc, log = running.pop(0)
+            proc.wait()
+            log.close()
+            results[name] = (config, out, proc.returncode, log_dir / f"{name}.log")
+    return results

@@ -89,3 +89,47 @@ def simulate_study(rng: np.random.Generator, truth: Truth = Truth(), noise: Nois
         "held_in_ratio_of_sums": 0.25, "held_out_ratio_of_sums": 1.0,
     })
     return pd.concat([bases, merged], ignore_index=True)
+
+
+OTHER_METHODS = ("fisher", "regmean", "regmean_plus_plus", "adamerging", "greedy_soup", "twin_merging")
+
+
+def simulate_normalized(rng: np.random.Generator, truth: Truth = Truth(), replicates: int = 3,
+                        subsets: int = 3, other_methods: tuple = (), sizes: tuple = SIZES
+                        ) -> pd.DataFrame:
+    """A whole normalized.csv as the aggregate rule writes it: the simulated study plus the
+    references of every subset (base zero-shot, multitask), the vs-multitask columns, the
+    mean-of-ratios columns, merge cost, and `other_methods` (each the average's scores
+    shifted by its own offset) for the figures and the results page."""
+    table = simulate_study(rng, truth, replicates=replicates, subsets=subsets)
+    table = table[table["size"].isin(sizes)]
+    merged = table[~table.reference].copy()
+    extra = []
+    for i, method in enumerate(other_methods):
+        rows = merged[merged.method == "average"].copy()
+        rows["method"] = method
+        shift = 0.05 * (i - len(other_methods) / 2) + rng.normal(0, 0.01, len(rows))
+        for column in ("held_in_ratio_of_sums", "held_out_ratio_of_sums", "held_out_vs_multitask_ratio_of_sums"):
+            rows[column] = rows[column] + shift
+        extra.append(rows)
+    merged = pd.concat([merged, *extra], ignore_index=True)
+    merged["held_in_vs_multitask_ratio_of_sums"] = merged.held_in_ratio_of_sums / 0.9
+    merged["held_in_normalized"] = merged.held_in_ratio_of_sums
+    merged["held_out_normalized"] = merged.held_out_ratio_of_sums
+    merged["held_in_vs_multitask"] = merged.held_in_vs_multitask_ratio_of_sums
+    merged["held_out_vs_multitask"] = merged.held_out_vs_multitask_ratio_of_sums
+    merged["merge_seconds"] = rng.uniform(0.05, 0.5, len(merged))
+    merged["merge_peak_rss_mb"] = rng.uniform(300, 400, len(merged))
+    keys = merged[["base", "size", "quality", "replicate", "parameters", "combo", "k"]].drop_duplicates()
+    references = []
+    for method, held_in, held_out in (("base", 0.25, 1.0), ("multitask", 0.9, 1.05)):
+        rows = keys.copy()
+        rows["method"], rows["reference"] = method, True
+        rows["held_in_ratio_of_sums"] = held_in + rng.normal(0, 0.02, len(rows))
+        rows["held_out_ratio_of_sums"] = held_out + rng.normal(0, 0.02, len(rows)) * (method != "base")
+        rows["held_in_raw"] = 0.2 + 0.1 * rows.quality.map({q: i for i, q in enumerate(QUALITIES)})
+        rows["held_out_raw"] = rows.held_in_raw + 0.1
+        rows["held_in_normalized"] = rows.held_in_ratio_of_sums
+        rows["held_out_normalized"] = rows.held_out_ratio_of_sums
+        references.append(rows)
+    return pd.concat([*references, merged], ignore_index=True)

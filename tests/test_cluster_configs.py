@@ -3,6 +3,7 @@
 the config; config errors for model and task sources; temporary merged checkpoints."""
 
 import copy
+import importlib.util
 import json
 import math
 import resource
@@ -13,7 +14,7 @@ import yaml
 
 from mergescale.config import ConfigError, check_schema, check_semantics, load_config
 from test_hub import tiny_checkpoint
-from workflow_helpers import REPO, SMOKE_CONFIG, planned_jobs, snakemake
+from workflow_helpers import REPO, SMOKE_CONFIG, planned_job_resources, planned_jobs, snakemake
 
 CONFIGS = {"mergebench": REPO / "config" / "mergebench.yaml", "scale": REPO / "config" / "scale.yaml"}
 
@@ -30,6 +31,11 @@ def expected_jobs(config: dict) -> dict[str, int]:
     trained_experts = len(bases) - fetched_experts
     multitask = "multitask" in config.get("finetune", {})
     ensemble = config.get("evaluate", {}).get("ensemble", True)
+    from mergescale.merge import get_method
+
+    registered = [get_method(m["method"]) for m in config["merge"]["methods"].values() if "method" in m]
+    tuned = any(m.get("tune") for m in config["merge"]["methods"].values())
+    validation = tuned or any(m.needs_data or m.needs_stats_rule for m in registered)
     counts = {
         "download_base": sum(1 for b in bases.values() if b["source"] in ("hub", "local")),
         "download_expert": fetched_experts * len(held_in),
@@ -37,6 +43,9 @@ def expected_jobs(config: dict) -> dict[str, int]:
         "finetune_multitask": len(bases) * n_combos if multitask else 0,  # one per subset
         "export_lm_eval_train": sum(1 for t in held_in if "train" in lm_eval.get(t, {}))
         if (trained_experts or multitask) else 0,
+        "export_lm_eval_validation": len(held_in) if validation else 0,
+        "render_lm_eval_validation": len(held_in) if tuned else 0,
+        "compute_stats": len(bases) * len(held_in) if any(m.needs_stats_rule for m in registered) else 0,
         "merge": len(bases) * n_methods * n_combos,
         "tune": len(bases) * n_combos * sum(bool(m.get("tune")) for m in config["merge"]["methods"].values()),
         "ensemble": len(bases) * n_combos * int(ensemble),
@@ -58,6 +67,65 @@ def test_cluster_config_validates_and_plans(name, tmp_path):
     print(f"\n{name}: {sum(jobs.values())} jobs planned in {seconds:.1f} s ({cpu_s:.1f} s CPU): {jobs}")
     assert jobs == expected_jobs(config)
     assert seconds < 60
+
+
+# The largest base of each cluster config, from its published config.json: parameters
+# and the largest tensor (the embedding), independent of mergescale.resources.
+LARGEST = {"mergebench": ("gemma-2-9b", 9.24e9, 256000 * 3584),
+           "scale": ("qwen2.5-14b", 14.77e9, 152064 * 5120)}
+# Rules that run on the submit host (localrules) and hold no model.
+LIGHT = {"download_base", "download_expert", "export_lm_eval_train", "export_lm_eval_validation",
+         "make_task_data", "render_task",
+         "render_lm_eval_validation", "ensemble", "unbatch_scores", "aggregate", "findings", "plot", "all"}
+
+
+def _held_bytes(rule: str, work, k: int, params: float, embedding: int) -> float:
+    """What a job must hold at least (bf16 checkpoints): the rule used by the test."""
+    if work.kind == "train":
+        return params * 4  # the float32 weights
+    if work.kind == "stats":
+        return params * 4  # float32 weights (and gradients)
+    if work.kind == "stream":
+        return (k + 1) * embedding * 2  # one tensor of the base and of each expert
+    if work.kind == "convert":
+        return 2 * params * 2
+    if work.kind == "fit" and rule != "tune":
+        return (k + 1) * params * 2  # the base and k experts
+    return params * 2  # one model
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cluster_jobs_are_sized_and_placed(name, tmp_path):
+    """Planned with the SLURM profile: forward passes ask for a GPU and nothing else does;
+    memory covers what each job holds for the largest base; no tiny-tier constant left."""
+    from mergescale.merge import get_method
+    from mergescale.resources import WORK, merge_work
+
+    config = load_config(CONFIGS[name])
+    methods = config["merge"]["methods"]
+    jobs = planned_job_resources(tmp_path, "--profile", "workflow/profiles/slurm", config=CONFIGS[name])
+    largest, params, embedding = LARGEST[name]
+    seen, by_size = set(), {}
+    for job in jobs:
+        rule, wc, res = job["rule"], job["wildcards"], job["resources"]
+        if rule not in WORK:
+            assert rule in LIGHT, f"{rule}: a job the workflow does not size"
+            continue
+        work = merge_work(get_method(methods[wc["method"]]["method"])) if rule == "merge" else WORK[rule]
+        assert res["gpu"] == int(work.forward), (rule, wc, res)
+        assert res["mem_mb"] not in (2000, 3000, 4000) and res["runtime"] > 15, (rule, wc, res)
+        by_size.setdefault(rule, set()).add((res["mem_mb"], res["runtime"]))
+        base = wc.get("base") or next(iter(v.split("/")[1] for v in wc.values()), None)
+        if base == largest:
+            combo = wc.get("combo") or ""
+            k = int(combo[1:combo.index("s")]) if combo else 1
+            assert res["mem_mb"] * 2**20 >= _held_bytes(rule, work, k, params, embedding), (rule, wc, res)
+            seen.add(rule)
+    heavy = {job["rule"] for job in jobs if job["rule"] in WORK}
+    assert seen == heavy  # every sized rule has jobs on the largest base
+    if name == "scale":  # five sizes: no rule keeps one figure for all of them
+        assert all(len(figures) > 1 for figures in by_size.values()), by_size
+    print(f"\n{name}: {len(jobs)} jobs; sized rules on {largest}: {sorted(seen)}")
 
 
 def test_scale_grid_is_the_papers():
@@ -165,3 +233,42 @@ def test_fetched_base_and_experts_run_through_the_dag(tmp_path):
     card = json.loads((work / "results/experts/fetched/next_letter/source.json").read_text())
     assert card["source"] == "local" and card["path"] == experts["next_letter"]["path"]
     assert planned_jobs(work, config=path) == {}
+
+
+def test_tuning_fits_and_rule_methods_plan_on_public_tasks(tmp_path):
+    """Validation rows of public lm-eval tasks: tuning, Twin-Merging, MAP and the
+    data-aware methods plan on the MergeBench config (no MissingInputException)."""
+    config = yaml.safe_load(CONFIGS["mergebench"].read_text())
+    config["merge"]["methods"] = {
+        "task_arithmetic": {"method": "task_arithmetic", "tune": True},
+        "twin": {"rule": "twin_merging"},
+        "map": {"rule": "map"},
+        "adamerging": {"method": "adamerging"},
+        "greedy_soup": {"method": "greedy_soup"},
+        "regmean_plus_plus": {"method": "regmean_plus_plus"},
+    }
+    config["bases"] = {"gemma-2-2b": config["bases"]["gemma-2-2b"]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(tmp_path / "work", config=path)
+    held_in = len(config["tasks"]["held_in"])
+    assert jobs["export_lm_eval_validation"] == held_in
+    assert jobs["render_lm_eval_validation"] == held_in  # tuning and MAP score on them
+    assert jobs["tune"] == 1 and jobs["twin_merging"] == 1 and jobs["merge_map"] == 1 and jobs["merge"] == 4
+
+
+def test_a_held_in_task_without_validation_rows_names_the_key():
+    config = yaml.safe_load(CONFIGS["mergebench"].read_text())
+    del config["tasks"]["lm_eval"]["coding"]["validation"]
+    with pytest.raises(ConfigError, match=r"tasks\.lm_eval\.coding\.validation: required"):
+        check_schema(config)
+        check_semantics(config)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_a_missing_backend_stops_the_run_before_any_job(tmp_path):
+    """evaluate.backend: vllm without vllm: the run fails at its start, naming the key,
+    before the downloads (a dry run only plans)."""
+    proc = snakemake(tmp_path, "--cores", "1", config=CONFIGS["mergebench"], check=False, timeout=300)
+    assert proc.returncode != 0 and "config key evaluate.backend" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()

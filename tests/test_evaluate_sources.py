@@ -118,13 +118,86 @@ def test_training_split_of_an_lm_eval_task_becomes_prompt_answer_rows(tmp_path):
         "metric_list": [{"metric": "acc"}], "metadata": {"version": 1},
     }))
     out = tmp_path / "data" / "yes_no" / "train.jsonl"
-    assert export_training_split("yes_no", out, include_path=tasks, log=lambda m: None) == 5
+    # no validation split: one of the 5 documents is held back for validation
+    assert export_training_split("yes_no", out, include_path=tasks, log=lambda m: None) == 4
     rows = read_jsonl(out)
-    assert rows[0] == {"prompt": "Q: 0+1= ", "answer": "no"}  # lm-eval's " " target delimiter
-    assert [r["answer"] for r in rows] == ["no", "yes", "no", "yes", "no"]
+    assert rows[0]["answer"] in ("no", "yes") and rows[0]["prompt"].endswith("+1= ")  # lm-eval's " " delimiter
+    all_rows = [{"prompt": f"Q: {i}+1= ", "answer": ["no", "yes"][i % 2]} for i in range(5)]
+    assert all(r in all_rows for r in rows)
     no_train = yaml.safe_load(tasks.joinpath("yes_no.yaml").read_text())
     no_train.update(task="test_only")
     del no_train["training_split"]
     tasks.joinpath("test_only.yaml").write_text(yaml.safe_dump(no_train))
     with pytest.raises(ValueError, match="'test_only' has no training split"):
         export_training_split("test_only", out, include_path=tasks, log=lambda m: None)
+
+
+SPLIT_KEYS = {"train": "training_split", "validation": "validation_split", "test": "test_split"}
+
+
+def _local_task(tasks, name: str, n: int, splits: dict[str, str]) -> None:
+    """An lm-eval task over JSONL files the test writes: one file per split, each row's
+    question prefixed by the split's tag."""
+    files = {}
+    for split, tag in splits.items():
+        path = tasks / f"{name}_{split}.jsonl"
+        path.write_text("".join(json.dumps({"q": f"{tag}{i}", "choices": ["no", "yes"], "label": i % 2})
+                                + "\n" for i in range(n)))
+        files[split] = str(path)
+    spec = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": files},
+            "output_type": "multiple_choice", "doc_to_text": "Q: {{q}}", "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}], "metadata": {"version": 1},
+            **{SPLIT_KEYS[split]: split for split in splits}}
+    tasks.joinpath(f"{name}.yaml").write_text(yaml.safe_dump(spec))
+
+
+def test_validation_rows_never_overlap_training_or_scored_rows(tmp_path):
+    """A task with its own validation split (scored on test) validates on it; a task
+    scored on its validation split validates on a held-back slice of its training split,
+    which the training rows then leave out."""
+    from mergescale.lmeval_data import HOLDOUT_FRACTION, export_split
+    from mergescale.tasks import read_jsonl
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _local_task(tasks, "three_splits", 40, {"train": "tr", "validation": "va", "test": "te"})
+    _local_task(tasks, "scored_on_val", 40, {"train": "tr", "validation": "va"})
+    quiet = dict(include_path=tasks, log=lambda m: None)
+    out = tmp_path / "out"
+    assert export_split("three_splits", "validation", out / "a_val.jsonl", **quiet) == 40
+    assert export_split("three_splits", "train", out / "a_train.jsonl", **quiet) == 40
+    assert all("va" in r["prompt"] for r in read_jsonl(out / "a_val.jsonl"))
+    held = int(40 * HOLDOUT_FRACTION)
+    assert export_split("scored_on_val", "validation", out / "b_val.jsonl", **quiet) == held
+    assert export_split("scored_on_val", "train", out / "b_train.jsonl", **quiet) == 40 - held
+    val = {r["prompt"] for r in read_jsonl(out / "b_val.jsonl")}
+    train = {r["prompt"] for r in read_jsonl(out / "b_train.jsonl")}
+    assert not val & train and all("tr" in p for p in val | train) and len(val | train) == 40
+    # several tasks: interleaved, so that the first rows sample each
+    assert export_split(["three_splits", "scored_on_val"], "validation", out / "ab.jsonl", **quiet) == 40 + held
+    first = [r["prompt"] for r in read_jsonl(out / "ab.jsonl")[:2]]
+    assert "va" in first[0] and "tr" in first[1]
+
+
+def test_validation_rows_render_as_an_lm_eval_task(tmp_path, monkeypatch):
+    """The rows become a task YAML that lm-eval loads, with every row a document."""
+    from lm_eval.tasks import TaskManager
+
+    from mergescale.lmeval_data import export_split
+    from mergescale.tasks.lmeval_yaml import lm_eval_task_name, write_rows_task_yaml
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _local_task(tasks, "three_splits", 12, {"train": "tr", "validation": "va", "test": "te"})
+    data = tmp_path / "results" / "data" / "yn" / "validation.jsonl"
+    export_split("three_splits", "validation", data, include_path=tasks, log=lambda m: None)
+    rendered = tmp_path / "results" / "tasks"
+    write_rows_task_yaml("yn", "validation", data, rendered / "yn_validation.yaml",
+                         description="validation rows of three_splits", cluster="yes_no")
+    spec = yaml.safe_load((rendered / "yn_validation.yaml").read_text())
+    assert spec["generation_kwargs"]["until"] == ["\n"] and spec["tag"] == ["mergescale_validation", "mergescale_yes_no"]
+    monkeypatch.chdir(tmp_path)
+    name = lm_eval_task_name("yn", "validation")
+    task = TaskManager(include_path=str(rendered), include_defaults=False).load([name])["tasks"][name]
+    docs = list(task.test_docs())
+    assert len(docs) == 12 and task.doc_to_target(docs[0]) in ("no", "yes")

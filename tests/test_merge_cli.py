@@ -56,9 +56,16 @@ def test_parse_mergekit_yaml(models, tmp_path):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda y: y.replace("merge_method: ties", "merge_method: tie"), "Did you mean: ties"),
-    (lambda y: y + "slices: []\n", "slices: layer slices are not supported"),
+    (lambda y: y + "slices: []\n", "models, slices: give exactly one of them"),
+    (lambda y: y + "tokenizer: {source: base}\n", "tokenizer: tokenizer surgery"),
+    (lambda y: y + "chat_template: chatml\n", "chat_template: chat template selection"),
+    (lambda y: y.replace("merge_method: ties", "merge_method: regmean"), "merge_method: regmean reads"),
+    (lambda y: y.replace("normalize: true", "normalize: true\n  int8_mask: 1"), "parameters.int8_mask: expected true/false"),
+    (lambda y: y + "modules: {}\n", "modules: per-module configurations are not supported"),
+    (lambda y: y + "tokenizer_source: union\n", "tokenizer_source: only 'base' is supported"),
     (lambda y: y + "colour: red\n", "colour: unknown key"),
-    (lambda y: y.replace("density: 0.3", "density: [0.1, 0.5]"), "parameters.density: per-layer gradients"),
+    (lambda y: y.replace("density: 0.3", "density: {fliter: mlp, value: 0.5}"), r"parameters.density\[0\].fliter: unknown key"),
+    (lambda y: y.replace("density: 0.3", "density: []"), "parameters.density: expected a value"),
     (lambda y: y.replace("density: 0.5}", "densty: 0.5}"), r"models\[1\].*'densty'"),
     (lambda y: y.replace("density: 0.5}", "density: 1.5}"), r"models\[1\].density=1.5 is outside"),
     (lambda y: y.replace("dtype: bfloat16", "dtype: int4"), "dtype: 'int4'"),
@@ -70,6 +77,51 @@ def test_config_errors_name_the_key(models, tmp_path, edit, match):
 
     with pytest.raises(MergeInputError, match=match):
         parse_merge_config(yaml.safe_load(edit(ties_yaml(*models))), tmp_path / "out")
+
+
+def _slices_config(base, a, b, first=(0, 2), second=(0, 2), extra=""):
+    return f"""
+merge_method: slerp
+base_model: {base}
+slices:
+  - sources:
+      - {{model: {base}, layer_range: {list(first)}}}
+      - {{model: {a}, layer_range: {list(second)}}}
+{extra}
+parameters: {{t: 0.5}}
+"""
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(second=(0, 3)), r"slices\[0\].sources\[1\].layer_range: \[0, 3\] is outside the 2 layers"),
+    (dict(second=(1, 2)), r"slices\[0\]: every source must span the same number of layers"),
+    (dict(extra="    residual_weight: 0.5"), r"slices\[0\].residual_weight: unknown or unsupported key"),
+    (dict(extra="    base_model: {b}"), r"slices\[0\]: the base model .* is not among the slice's sources"),
+])
+def test_slice_errors_name_the_key(models, tmp_path, kw, match):
+    import yaml
+
+    base, a, b = models
+    if "extra" in kw:
+        kw["extra"] = kw["extra"].format(b=b)
+    req = None
+    with pytest.raises(MergeInputError, match=match):
+        req = parse_merge_config(yaml.safe_load(_slices_config(base, a, b, **kw)), tmp_path / "out")
+        run_merge(req)  # layer ranges are checked against the checkpoints, before writing
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_source_base_refuses_another_vocabulary(models, tmp_path):
+    from merge_fixtures import save_word_tokenizer
+
+    base = save_tiny_llama(tmp_path / "base", 4, like=models[0], max_shard_size="1GB")
+    other = save_tiny_llama(tmp_path / "other", 5, like=models[0], max_shard_size="1GB")
+    save_word_tokenizer(base)
+    save_word_tokenizer(other, vocab_size=64)
+    config = {"merge_method": "linear", "base_model": str(base), "tokenizer_source": "base",
+              "models": [{"model": str(base)}, {"model": str(other)}]}
+    with pytest.raises(MergeInputError, match=r"tokenizer_source: the tokenizer of .*other differs"):
+        parse_merge_config(config, tmp_path / "out")
 
 
 def test_linear_keeps_a_listed_base_as_an_expert(models, tmp_path):
@@ -119,3 +171,14 @@ def test_cli_methods_json(capsys):
 def test_cli_methods_text(capsys):
     assert main(["methods"]) == 0
     assert "ties [base]:" in capsys.readouterr().out
+
+
+def test_progress_bar_is_one_updating_line_with_rate_and_eta(models, tmp_path, capsys):
+    base, a, b = models
+    run_merge(MergeRequest(method="ties", base=base, experts=[a, b], out_dir=tmp_path / "o", progress=True))
+    err = capsys.readouterr().err
+    bar = err.split("\r")[-1]  # tqdm redraws one line with carriage returns
+    assert "\n" not in bar.strip() and "tensor/s" in bar and "<" in bar  # rate, elapsed<remaining
+    # without a terminal (the workflow's log files) no bar is drawn
+    run_merge(MergeRequest(method="ties", base=base, experts=[a, b], out_dir=tmp_path / "q"))
+    assert "\r" not in capsys.readouterr().err

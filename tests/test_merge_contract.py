@@ -22,7 +22,8 @@ def n_experts(method) -> int:
 # What data-aware methods learn before streaming (tests/test_merge_data_aware.py fits them).
 FITTED = {"adamerging": lambda k: {"coefficients": [1.0] * k},
           "adamerging_layerwise": lambda k: {"coefficients": {NAME: [1.0] * k}},
-          "greedy_soup": lambda k: {"soup_weights": [1.0] * k}}
+          "greedy_soup": lambda k: {"soup_weights": [1.0] * k},
+          "localize_stitch": lambda k: {"mask_files": []}}  # dataless masks
 
 
 def fake_stats(method, experts):
@@ -82,8 +83,12 @@ IDENTICAL = {
     "slerp": None,  # halfway between base and expert
     "pcb": None,  # keeps only the top 10% of entries
     "tsv": None,  # each copy keeps rank/k triplets of the same matrix
+    "localize_stitch": None,  # every copy keeps the same 10% of the entries
     "fisher": "expert", "regmean": "expert", "regmean_plus_plus": "expert", "greedy_soup": "expert",
     "adamerging": "sum", "adamerging_layerwise": "sum",  # with every lambda = 1
+    "nuslerp": "expert", "ram": "expert", "ramplus_tl": "expert",
+    "arcee_fusion": None,  # keeps only the outlying changes
+    "nearswap": None,  # moves each entry by t / distance
 }
 
 

@@ -158,9 +158,34 @@ def test_shape_mismatch_names_tensor_and_both_files(models, tmp_path):
     _merge_err(tmp_path, models["base"], [models["e1"], other], r"'model.layers.0.mlp.*shape \[64, 32\] in .*base.* vs \[80, 32\] in .*wide")
 
 
-def test_dtype_mismatch_named(models, tmp_path):
+def test_mixed_float_dtypes_compute_in_float32(models, tmp_path):
+    """A bf16 expert on a float32 base merges as its float32 copy would; the output
+    keeps the base's dtype unless one is asked for."""
     half = save_tiny_llama(tmp_path / "half", 4, like=models["base"], dtype=torch.bfloat16)
-    _merge_err(tmp_path, models["base"], [models["e1"], half], r"dtype torch.float32 in .*base.* vs torch.bfloat16 in .*half")
+    widened = tmp_path / "widened"
+    shutil.copytree(half, widened)
+    for shard in widened.glob("*.safetensors"):
+        _rewrite(shard, lambda t: t.update({k: v.float() for k, v in t.items()}))
+    outs = {}
+    for label, expert in (("mixed", half), ("f32", widened)):
+        outs[label] = tmp_path / label
+        run_merge(MergeRequest(method="ties", base=models["base"], experts=[models["e1"], expert],
+                               out_dir=outs[label], params={"density": 0.5}))
+    a, b = load_state(outs["mixed"]), load_state(outs["f32"])
+    assert all(v.dtype == torch.float32 for v in a.values())
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    run_merge(MergeRequest(method="ties", base=models["base"], experts=[models["e1"], half],
+                           out_dir=tmp_path / "bf16", params={"density": 0.5}, dtype="bfloat16"))
+    assert all(v.dtype == torch.bfloat16 for v in load_state(tmp_path / "bf16").values())
+
+
+def test_integer_tensor_where_a_float_is_expected_named(models, copy_of, tmp_path):
+    bad = copy_of("e1")
+    name = "model.layers.0.mlp.up_proj.weight"
+    _rewrite(_shard_of(bad, name), lambda t: t.update({name: t[name].round().to(torch.int64)}))
+    _merge_err(tmp_path, models["base"], [bad, models["e2"]],
+               rf"tensor '{name}': dtype torch.float32 in .*base.* cannot be merged with torch.int64 in .*e1_copy")
 
 
 def test_nan_in_input_named_and_nothing_left(models, copy_of, tmp_path):

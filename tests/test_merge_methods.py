@@ -217,14 +217,34 @@ def test_top_k_trim_matches_sorting(kind, density):
     expected = reference_top_k_trim(x, k)
     got = ops.top_k_trim(x, k)
     assert torch.equal(got, expected)
+    assert torch.equal(ops.top_k_trim_(x.clone(), k), expected)  # the in-place variant
     # the streamed selection (used for tensors too big to keep whole) agrees too
     sel = ops.select_top_k(lambda sl: x[sl].abs(), n, k)
     streamed = torch.cat([sel.trim(x[s:e]) for s, e in ops.chunk_ranges(n, chunk=65_536)])
     assert torch.equal(streamed, expected)
 
 
+@pytest.mark.parametrize("kind", ["continuous", "ties", "subnormal", "zeros"])
+def test_radix_threshold_is_kthvalue(kind):
+    """The linear-time select finds exactly torch.kthvalue's k-th largest, and the
+    number of entries it keeps at that value makes exactly k."""
+    g = torch.Generator().manual_seed(7)
+    n = 100_003
+    x = torch.randn(n, generator=g).abs()
+    if kind == "ties":
+        x = torch.randint(0, 5, (n,), generator=g).float()
+    elif kind == "subnormal":
+        x = x * 1e-40  # bit patterns in the lowest buckets
+    elif kind == "zeros":
+        x[: n // 2] = 0
+    for k in (1, 17, n // 3, n // 2, n - 1):
+        sel = ops.select_top_k(lambda sl: x[sl], n, k)
+        assert sel.threshold == float(torch.kthvalue(x, n - k + 1).values)
+        assert int(sel.mask(x).sum()) == k
+
+
 def test_bracket_miss_falls_back_to_exact():
-    # a sample that sees only one value cannot bracket the threshold of the rest
+    # a pathological distribution: one value for two thirds of the entries
     n = 200_000
     x = torch.zeros(n)
     x[1::3] = torch.linspace(1, 2, len(range(1, n, 3)))
@@ -275,3 +295,42 @@ def test_ties_large_against_dense_reference():
     got = run("ties", base, [base + t for t in taus], [{"weight": w_} for w_ in weights], density=0.2,
               **{"lambda": 0.7})
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+# -- mergekit's newer methods: known answers on hand-sized tensors ------------------------
+def test_nearswap_known_answer():
+    base = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    expert = torch.tensor([0.05, 0.2, -1.0, 1.0])
+    # w = clamp(t / |a - b|, 0, 1) with t = 0.1: 1 (swapped), 0.5, 0.1, 1 (equal entries)
+    out = run("nearswap", base, [expert], t=0.1)
+    torch.testing.assert_close(out, torch.tensor([0.05, 0.1, -0.1, 1.0]))
+
+
+def test_ram_known_answer():
+    base = torch.zeros(4)
+    a = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    b = torch.tensor([3.0, 0.0, 0.0, 1e-6])  # 1e-6 is below epsilon: unchanged
+    # entry 0 changed by both: mean 2; entry 1 only by a: kept whole; entries 2, 3: base
+    torch.testing.assert_close(run("ram", base, [a, b]), torch.tensor([2.0, 2.0, 0.0, 0.0]))
+    # ramplus_tl: a has 1 shared and 1 unique entry (rho 1, capped at alpha 0.2): its unique
+    # entry is scaled by 1 + 0.1 * 0.2; b has no unique entry
+    torch.testing.assert_close(run("ramplus_tl", base, [a, b]), torch.tensor([2.0, 2.0 * 1.02, 0.0, 0.0]))
+
+
+def test_nuslerp_weights_pick_t():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    out = run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 1.0}])
+    torch.testing.assert_close(out, torch.tensor([2**-0.5, 2**-0.5]))  # halfway along the arc
+    out = run("nuslerp", None, [a, b], [{"weight": 0.0}, {"weight": 3.0}])
+    torch.testing.assert_close(out, b)
+
+
+def test_arcee_fusion_keeps_only_outlying_changes():
+    base = torch.zeros(2, 8)
+    expert = base.clone()
+    expert[0] = 0.01
+    expert[0, 3] = 5.0  # one large change in a row whose distribution moved
+    out = run("arcee_fusion", base, [expert])
+    expected = torch.zeros(2, 8)
+    expected[0, 3] = 5.0
+    torch.testing.assert_close(out, expected)

@@ -11,14 +11,13 @@ environment, given by MERGEKIT_VENV; both tools read the same YAML. Create it wi
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from merge_fixtures import load_state, save_tiny_llama
+from merge_fixtures import load_state, run_mergekit, save_tiny_llama
 from mergescale.merge import run_merge
 from mergescale.merge.config import parse_merge_config
 
@@ -74,27 +73,13 @@ def mergekit_outputs(tmp_path_factory):
         experts = [save_tiny_llama(root / dtype / f"e{i}", 20 + i, like=base, noise=0.05, dtype=torch_dtype,
                                    max_shard_size="1GB") for i in range(3)]
         inputs[dtype] = (base, experts)
-    exe = Path(VENV) / "bin" / "mergekit-yaml"
-    jobs, results = [], {}
+    jobs = []
     for name, (_, expert_params, _, dtype) in CASES.items():
         base, experts = inputs[dtype]
         config = root / f"{name}.yaml"
         config.write_text(case_yaml(name, base, experts[: len(expert_params)], dtype))
-        out = root / f"mergekit_{name}"
-        jobs.append((name, config, out, [str(exe), str(config), str(out), "--no-copy-tokenizer", "--quiet",
-                                         "--num-threads", "1"]))
-    running = []
-    for job in jobs + [None, None]:
-        if job is not None:
-            name, config, out, cmd = job
-            log = open(root / f"{name}.log", "w")
-            running.append((name, config, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-        while running and (len(running) >= 2 or job is None):
-            name, config, out, proc, log = running.pop(0)
-            proc.wait()
-            log.close()
-            results[name] = (config, out, proc.returncode, root / f"{name}.log")
-    return results
+        jobs.append((name, config, root / f"mergekit_{name}"))
+    return run_mergekit(VENV, jobs, root)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -156,18 +156,20 @@ def test_slurm_local_profile_runs_on_the_cluster(slurm_env, tmp_path):
 
 # ----------------------------------------------------------------- profiles --
 
-HEAVY_RULES = ["pretrain_base", "finetune_expert", "finetune_multitask", "compute_stats", "merge", "evaluate",
-               "evaluate_batch", "sparse_soup_cycle"]
-GPU_RULES = {"pretrain_base", "finetune_expert", "finetune_multitask", "compute_stats", "evaluate", "evaluate_batch",
-             "sparse_soup_cycle"}
-
-# All heavy rules of the workflow (independent here), one ordinary rule, and a
-# local target rule.
+# Jobs as the workflow sizes them (mergescale.resources): a forward-pass job asks for a
+# GPU where the profile declares GPUs, a streaming merge does not; both name memory,
+# minutes and CPUs (at most the profile's max-threads). "other" leaves it to the profile.
+SIZED = {"forward": "gpu=1, mem_mb=30000, runtime=200", "stream": "gpu=0, mem_mb=50000, runtime=100"}
+CPUS = {"forward": 4, "stream": 8}
+RULES = list(SIZED) + ["other"]
 PROFILE_SNAKEFILE = "localrules: all\n\n" + "rule all:\n    input: {}\n\n".format(
-    ", ".join(repr(f"out/{r}.txt") for r in HEAVY_RULES + ["other"])
+    ", ".join(repr(f"out/{r}.txt") for r in RULES)
 ) + "".join(
-    f"rule {r}:\n    threads: 4\n    output: 'out/{r}.txt'\n    shell: 'touch {{output}}'\n\n"
-    for r in HEAVY_RULES + ["other"]
+    f"rule {r}:\n    threads: 4\n    output: 'out/{r}.txt'\n"
+    + (f"    resources: {SIZED[r]}, cpus_per_task=lambda wc: min({CPUS[r]}, "
+       "workflow.resource_settings.max_threads or 64)\n" if r in SIZED else "")
+    + "    shell: 'touch {output}'\n\n"
+    for r in RULES
 )
 
 # Stand-ins for the SLURM commands the executor calls. sbatch records its
@@ -223,6 +225,10 @@ def _fake_submit(profile: Path, tmp_path: Path, workflow_profile: Path | None = 
     workdir = tmp_path / "wf"
     workdir.mkdir()
     (workdir / "Snakefile").write_text(PROFILE_SNAKEFILE)
+    # the profile names its partition file relative to the repository root, where it runs
+    partitions = workdir / "workflow" / "profiles" / "slurm" / "partitions.yaml"
+    partitions.parent.mkdir(parents=True)
+    partitions.write_text((SLURM_PROFILE / "partitions.yaml").read_text())
     if workflow_profile is not None:
         (workdir / "profiles" / "default").mkdir(parents=True)
         (workdir / "profiles" / "default" / "config.yaml").write_text(workflow_profile.read_text())
@@ -244,7 +250,7 @@ def _fake_submit(profile: Path, tmp_path: Path, workflow_profile: Path | None = 
         argv = [a for a in json.loads(line) if not a.startswith("--wrap=")]
         rule = argv[argv.index("--comment") + 1].removeprefix("rule_")
         submitted[rule] = argv
-    assert sorted(submitted) == sorted(HEAVY_RULES + ["other"]), f"{sorted(submitted)}\n{log}"
+    assert sorted(submitted) == sorted(RULES), f"{sorted(submitted)}\n{log}"
     return submitted
 
 
@@ -258,47 +264,40 @@ def _opt(argv: list[str], name: str) -> str | None:
     return None
 
 
-EXPECTED_HEAVY = {  # rule: (partition, GPUs, memory MB, minutes, CPUs)
-    "pretrain_base": ("gpu", "1", "64000", "720", "8"),
-    "finetune_expert": ("gpu", "1", "48000", "240", "8"),
-    "finetune_multitask": ("gpu", "1", "48000", "480", "8"),
-    "compute_stats": ("gpu", "1", "32000", "120", "4"),
-    "merge": ("cpu", None, "64000", "120", "8"),
-    "evaluate": ("gpu", "1", "32000", "120", "4"),
-    "evaluate_batch": ("gpu", "1", "32000", "240", "4"),
-    "sparse_soup_cycle": ("gpu", "1", "48000", "480", "8"),
+EXPECTED = {  # rule: (partition, GPUs, memory MB, minutes, CPUs)
+    "forward": ("gpu", "1", "30000", "200", "4"),  # chosen from partitions.yaml: it has GPUs
+    "stream": ("cpu", None, "50000", "100", "8"),  # the partition without GPUs
 }
 
 
-def _check_heavy_rules(submitted: dict[str, list[str]]) -> None:
-    for rule, expected in EXPECTED_HEAVY.items():
+def _check_sized_rules(submitted: dict[str, list[str]]) -> None:
+    for rule, expected in EXPECTED.items():
         argv = submitted[rule]
         got = tuple(_opt(argv, o) for o in ("-p", "--gpus", "--mem", "-t", "--cpus-per-task"))
         assert got == expected, (rule, got, argv)
         assert _opt(argv, "--gres") is None, (rule, argv)
 
 
-def test_cluster_profile_maps_rules_to_sbatch_options(tmp_path):
+def test_cluster_profile_places_jobs_by_what_they_ask(tmp_path):
     submitted = _fake_submit(SLURM_PROFILE, tmp_path)
-    _check_heavy_rules(submitted)
-    other = submitted["other"]  # any other non-local rule: default-resources
+    _check_sized_rules(submitted)
+    other = submitted["other"]  # a rule the workflow does not size: default-resources
     assert (_opt(other, "-p"), _opt(other, "--mem"), _opt(other, "-t")) == ("cpu", "4000", "60"), other
-    assert _opt(other, "--cpus-per-task") == "4", other  # the rule's threads
     assert _opt(other, "--gpus") is None and _opt(other, "--gres") is None, other
 
 
 @pytest.mark.skipif(not WORKFLOW_PROFILE.exists(), reason="workflow has no profiles/default/config.yaml")
-def test_cluster_profile_heavy_rules_survive_the_workflow_profile(tmp_path):
-    # workflow/profiles/default/ is loaded too and wins key by key (its
-    # `cores:` caps threads, its `default-resources:` replaces ours): the
-    # heavy rules must still get their partition, GPU, memory, time and CPUs.
-    _check_heavy_rules(_fake_submit(SLURM_PROFILE, tmp_path, WORKFLOW_PROFILE))
+def test_cluster_profile_sized_rules_survive_the_workflow_profile(tmp_path):
+    # workflow/profiles/default/ is loaded too and wins key by key (its `cores:` caps
+    # threads): the jobs must still get their partition, GPU, memory, time and CPUs.
+    _check_sized_rules(_fake_submit(SLURM_PROFILE, tmp_path, WORKFLOW_PROFILE))
 
 
 def test_local_profile_requests_no_gpus_and_fits_a_small_node(tmp_path):
+    # the profile declares no GPUs (gpu=0): a job asking for one gets none
     submitted = _fake_submit(LOCAL_PROFILE, tmp_path)
     for rule, argv in submitted.items():
         assert _opt(argv, "--gpus") is None and _opt(argv, "--gres") is None, (rule, argv)
         assert _opt(argv, "-A") is None, (rule, argv)
         assert int(_opt(argv, "--cpus-per-task")) <= 2, (rule, argv)
-        assert int(_opt(argv, "--mem")) <= 2000, (rule, argv)
+    assert int(_opt(submitted["other"], "--mem")) <= 2000

@@ -59,7 +59,7 @@ def test_normalized_table_matches_scores(run_dir):
 
 
 def test_figures_findings_and_cards_written(run_dir):
-    for name in ("normalized_vs_k_pretrained", "merged_vs_multitask", "base_quality"):
+    for name in ("normalized_vs_k_pretrained", "merged_vs_multitask", "base_quality", "other_methods"):
         png = run_dir / f"results/plots/{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert png.with_suffix(".pdf").exists()
@@ -145,3 +145,19 @@ def test_report_regenerates_from_existing_scores(run_dir):
     for name in ("summary.md", "normalized_vs_k_pretrained.png", "findings.md", "base_quality.png"):
         assert name in html
     assert planned_jobs(run_dir) == {}
+
+
+def test_results_page_of_the_run(run_dir, tmp_path):
+    """`make report`'s last command on a real run: the results page and its figures."""
+    from mergescale.cli import main
+    from mergescale.findings import TITLES
+
+    out = tmp_path / "docs" / "results.md"
+    assert main(["results", str(run_dir / "results"), "-o", str(out), "--bootstrap", "200"]) == 0
+    text = out.read_text()
+    assert all(f"{n}. {title}" in text for n, title in TITLES.items())
+    assert "One base replicate per cell: no interval." in text
+    assert "| ties | 2, 3 |" in text   # the paper's four: one row per size and method
+    for name in ("normalized_vs_k_pretrained", "base_quality", "merged_vs_multitask"):
+        png = tmp_path / "docs" / "figures" / f"{name}.png"
+        assert f"(figures/{name}.png)" in text and 5_000 < png.stat().st_size < 150_000

@@ -44,3 +44,28 @@ def planned_outputs(workdir: Path, rule: str, config: Path = SMOKE_CONFIG) -> li
             if m:
                 outs.append(m.group(1).strip())
     return outs
+
+
+def planned_job_resources(workdir: Path, *args: str, config: Path = SMOKE_CONFIG) -> list[dict]:
+    """Every job of a dry run as {rule, wildcards: {...}, resources: {...}} (numbers as
+    ints); run from the repository root, where profiles name their files."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
+           str(workdir), "--configfile", str(config), "-n", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"dry run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    jobs = []
+    for block in re.split(r"\n\s*\n", proc.stdout + proc.stderr):
+        rule = re.search(r"^(?:local)?rule (\w+):", block.strip(), flags=re.M)
+        res = re.search(r"^\s*resources: (.+)$", block, flags=re.M)
+        if not rule or not res:
+            continue
+        wildcards = re.search(r"^\s*wildcards: (.+)$", block, flags=re.M)
+        resources = {}
+        for item in res.group(1).split(", "):
+            key, _, value = item.partition("=")
+            resources[key] = int(value) if value.isdigit() else value
+        jobs.append({"rule": rule.group(1), "local": block.strip().startswith("localrule"),
+                     "wildcards": dict(w.split("=", 1) for w in wildcards.group(1).split(", "))
+                     if wildcards else {}, "resources": resources})
+    return jobs

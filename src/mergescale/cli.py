@@ -1,5 +1,7 @@
 """Command line: `mergescale merge CONFIG.yaml OUT_DIR`, `mergescale methods [--json]`,
-`mergescale findings NORMALIZED_CSV [-o findings.md] [--json]`.
+`mergescale findings NORMALIZED_CSV [-o findings.md] [--json]`,
+`mergescale results RESULTS_DIR [-o docs/results.md] [--figures DIR] [--methods DIR]`,
+`mergescale record-run RECORD --step NAME --start TIME [--config C] [--results DIR] [--new]`.
 
 Each subcommand is a `_cmd_*` function registered in `_build_parser`; add new ones there.
 User errors (bad config, bad checkpoint) exit with status 2 and one line on stderr; a
@@ -67,6 +69,26 @@ def _cmd_findings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_results(args: argparse.Namespace) -> int:
+    from mergescale.results_page import render_results_page
+
+    render_results_page(args.results_dir, args.output, args.figures, args.methods,
+                        n_bootstrap=args.bootstrap, seed=args.seed)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_record_run(args: argparse.Namespace) -> int:
+    from mergescale.run_record import record_step
+
+    record = record_step(args.record, args.step, args.start, args.end, args.config, args.results,
+                         new=args.new)
+    step = record["steps"][-1]
+    print(f"{args.record}: {step['name']} took {step['seconds']:.0f} s; the run so far "
+          f"{record['wall_seconds']:.0f} s")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergescale", description="Model merging at scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,6 +117,28 @@ def _build_parser() -> argparse.ArgumentParser:
     findings.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default 2000)")
     findings.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     findings.set_defaults(func=_cmd_findings)
+
+    results = sub.add_parser("results", help="write a run's results page (claims, figures, method "
+                             "tables, date, commit, machine, wall time) from its tables")
+    results.add_argument("results_dir", help="the run's results folder (tables/normalized.csv, run.json)")
+    results.add_argument("-o", "--output", default="docs/results.md", help="the page (default docs/results.md)")
+    results.add_argument("--figures", default=None, help="folder of the page's PNGs (default: figures/ beside the page)")
+    results.add_argument("--methods", default=None,
+                         help="results folder of the other-methods grid (its table on the page)")
+    results.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default 2000)")
+    results.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    results.set_defaults(func=_cmd_results)
+
+    record = sub.add_parser("record-run", help="add a timed step (install, a grid) to a run's "
+                            "record, results/run.json, with the commit and the machine")
+    record.add_argument("record", help="the record, e.g. results/run.json")
+    record.add_argument("--step", required=True, help="the step's name (e.g. install, config/study.yaml)")
+    record.add_argument("--start", required=True, help="when the step started (ISO 8601, e.g. 2026-12-03T14:05:00Z)")
+    record.add_argument("--end", default=None, help="when it ended (default: now)")
+    record.add_argument("--config", default=None, help="the config a grid step ran")
+    record.add_argument("--results", default=None, help="the results folder a grid step wrote (default results)")
+    record.add_argument("--new", action="store_true", help="start a new record (drop earlier steps)")
+    record.set_defaults(func=_cmd_record_run)
     return parser
 
 
@@ -104,10 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mergescale.findings import FindingsInputError
     from mergescale.io_utils import OutputWriteError
     from mergescale.merge import MergeInputError
+    from mergescale.run_record import RunRecordError
 
     try:
         return args.func(args)
-    except (MergeInputError, FindingsInputError) as e:
+    except (MergeInputError, FindingsInputError, RunRecordError) as e:
         print(f"mergescale {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OutputWriteError as e:

@@ -423,7 +423,7 @@ HOW = {
 }
 
 
-def _grid_text(study: Study) -> list[str]:
+def grid_text(study: Study) -> list[str]:
     """What this grid can and cannot test, in words."""
     counts = study.replicate_counts("held_in", list(range(len(study.methods))))
     have = counts[counts > 0]
@@ -498,7 +498,7 @@ def render_markdown(study: Study, results: list[ClaimResult], n_bootstrap: int =
         "draws) only describes the spread over expert subsets of the checkpoints at hand. Rows "
         "marked 'descriptive' are shown for detail and do not enter the claim's verdict. Rules, "
         "thresholds and the calibration on simulated studies: docs/findings.md.", "",
-        "## What this grid can and cannot test", "", *_grid_text(study), *(f"- {n}" for n in study.notes), "",
+        "## What this grid can and cannot test", "", *grid_text(study), *(f"- {n}" for n in study.notes), "",
         "## Verdicts", "",
         markdown_table(pd.DataFrame([{"claim": f"{r.number}. {r.title}", "verdict": r.verdict,
                                       "why": r.summary} for r in results])), ""]

@@ -19,6 +19,30 @@ def lm_eval_specs(config: dict) -> dict[str, dict]:
     return config["tasks"].get("lm_eval") or {}
 
 
+def lm_eval_split_tasks(spec: dict, split: str) -> list[str]:
+    """The lm-eval tasks whose rows make a task's `split` (train or validation): `train`,
+    and for validation `validation` (one task or a list), else the `train` task."""
+    names = spec.get("train") if split == "train" else spec.get("validation", spec.get("train"))
+    return [] if names is None else [names] if isinstance(names, str) else list(names)
+
+
+def needs_validation_rows(config: dict) -> bool:
+    """Whether any merge reads validation data (tuning, statistics, fits, rule-methods)."""
+    from mergescale.merge import get_method
+
+    for spec in config["merge"]["methods"].values():
+        if spec.get("tune") or spec.get("rule") in ("twin_merging", "map", "atlas"):
+            return True
+        if "method" in spec:
+            try:
+                method = get_method(spec["method"])
+            except KeyError:  # reported, with the key, by the method checks
+                continue
+            if method.needs_data or method.needs_stats_rule:
+                return True
+    return bool(config.get("atlas") or config.get("cross_seed"))
+
+
 def procedural_tasks(config: dict) -> list[str]:
     specs = lm_eval_specs(config)
     tasks = config["tasks"]
@@ -121,5 +145,12 @@ def check_sources(config: dict) -> None:
                 f"config key tasks.lm_eval.{task}.train: required, experts or the multitask "
                 "model are fine-tuned on this task here (name the lm-eval task whose training "
                 "split they train on), or give bases.<name>.experts")
+    if needs_validation_rows(config):
+        for task in held_in:
+            if task in specs and not lm_eval_split_tasks(specs[task], "validation"):
+                raise SourceConfigError(
+                    f"config key tasks.lm_eval.{task}.validation: required, a merge method reads "
+                    "validation data (tuning, statistics or a fit); name the lm-eval task(s) whose "
+                    "validation split (or a held-back slice of their training split) stands for it")
     if procedural_tasks(config) and "data" not in config:
         raise SourceConfigError("config key data: required for procedural tasks")

@@ -60,7 +60,7 @@ PRELOAD = (
     "mergescale.merge", "mergescale.merge.data_aware", "mergescale.opcm", "mergescale.plots",
     "mergescale.rule_methods", "mergescale.sparse_soups", "mergescale.sparse_soups_report",
     "mergescale.spec_models", "mergescale.stages", "mergescale.stats", "mergescale.tasks",
-    "mergescale.tuning", "mergescale.twin_merging",
+    "mergescale.tasks.lmeval_yaml", "mergescale.tuning", "mergescale.twin_merging",
 )
 
 # Environment variables that differ between the jobs of one run without changing imports.

@@ -14,7 +14,7 @@ rule pretrain_base:
         train=lambda wc: config["bases"][wc.base]["pretrain"],
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("pretrain_base"),
     script:
         "../scripts/pretrain_base.py"
 
@@ -39,7 +39,7 @@ rule instruct_base:
         chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("instruct_base"),
     script:
         "../scripts/finetune.py"
 

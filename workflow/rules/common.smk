@@ -9,16 +9,29 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from mergescale.combos import expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
+from mergescale.evaluate import check_backend
 from mergescale.grid import base_labels, finetune_settings, instruct_tasks
 from mergescale.atlas_study import atlas_plan
 from mergescale.cross_seed_study import cross_seed_plan
 from mergescale.sparse_soups_study import sparse_soups_plan
 from mergescale.merge import get_method
+from mergescale.resources import (
+    WORK as RESOURCE_WORK,
+    Work,
+    check_gpu_placement,
+    cpus_for,
+    gpus_for,
+    memory_mb,
+    merge_work,
+    model_size,
+    runtime_min,
+)
 from mergescale.sources import (
     bases_with_fetched_experts,
     fetched_bases,
     has_multitask,
     lm_eval_specs,
+    lm_eval_split_tasks,
     model_ref,
     procedural_tasks,
 )
@@ -231,3 +244,100 @@ def get_merge_data_inputs(wildcards):
         inputs["data"] = [f"results/data/{t}/{STATS['split']}.jsonl" for t in tasks]
     return inputs
 
+
+
+# --- resources of every job (mergescale.resources): memory from the checkpoints a job
+# holds, a GPU for forward passes when the run declares GPUs, wall time from the size.
+def _declared_gpus():
+    value = workflow.global_resources.get("gpu")  # profile `resources: [gpu=N]`
+    return getattr(value, "value", value)
+
+
+DECLARED_GPUS = _declared_gpus()
+
+
+def job_base_and_k(wildcards):
+    """The base whose checkpoints a job holds, and how many experts (1 without a subset)."""
+    names = wildcards.keys()
+    if "base" in names:
+        base = wildcards.base
+    elif "model" in names or "group" in names:  # {kind}/{base}/... (evaluate, evaluate_batch)
+        base = (wildcards.model if "model" in names else wildcards.group).split("/")[1]
+    else:  # barrier: the cross-seed study's first base
+        base = CROSS_SEED.base_a if CROSS_SEED else GRID_BASES[0]
+    if base not in config["bases"]:  # a group such as sparse/{base}/{task}
+        base = GRID_BASES[0]
+    path = "/".join(str(v) for v in wildcards)
+    combo = re.search(r"\bk(\d+)s\d+\b", path)
+    return base, int(combo.group(1)) if combo else 1
+
+
+def train_settings(rule, wildcards, base):
+    if rule == "pretrain_base":
+        return config["bases"][base]["pretrain"]
+    if rule == "instruct_base":
+        return config["bases"][base]["train"]
+    if rule == "finetune_multitask":
+        return multitask_train_config(base, wildcards.combo)
+    return expert_train_config(base)
+
+
+def rule_resources(rule, work=None):
+    """Snakemake `resources:` of a rule: mem_mb, runtime (minutes), gpu and cpus_per_task
+    as functions of each job's wildcards; `work` (a Work, or a function of the wildcards
+    returning one) replaces the rule's entry in mergescale.resources.WORK."""
+
+    def plan(wildcards):
+        base, k = job_base_and_k(wildcards)
+        w = work(wildcards) if callable(work) else (work or RESOURCE_WORK[rule])
+        return base, k, w
+
+    def mem_mb(wildcards, attempt):
+        base, k, w = plan(wildcards)
+        gpu = gpus_for(rule, DECLARED_GPUS, w) > 0
+        mb = memory_mb(rule, model_size(config, base), k, config["merge"]["dtype"], gpu, w,
+                       config["evaluate"]["backend"])
+        return int(mb * (1 + 0.5 * (attempt - 1)))  # a retry gets half as much again
+
+    def runtime(wildcards, attempt):
+        base, k, w = plan(wildcards)
+        train = train_settings(rule, wildcards, base) if w.kind == "train" else {}
+        minutes = runtime_min(rule, model_size(config, base), k, train.get("steps", 0),
+                              train.get("batch_size", 0), w)
+        return minutes * attempt
+
+    def gpu(wildcards):
+        return gpus_for(rule, DECLARED_GPUS, plan(wildcards)[2])
+
+    def cpus_per_task(wildcards):
+        return cpus_for(plan(wildcards)[2], workflow.resource_settings.max_threads)
+
+    return dict(mem_mb=mem_mb, runtime=runtime, gpu=gpu, cpus_per_task=cpus_per_task)
+
+
+def merge_rule_work(wildcards):
+    return merge_work(get_method(METHODS[wildcards.method]["method"]))
+
+
+def evaluate_work(wildcards):
+    """An ensemble or a Twin-Merging spec holds its k experts (and the base) at once."""
+    kind, base, *rest = wildcards.model.split("/")
+    if kind == "ensembles":
+        return Work("evaluate", models=lambda k: k)
+    if kind == "merged" and rest[0] in METHODS and METHODS[rest[0]].get("rule") == "twin_merging":
+        return Work("evaluate", models=lambda k: k + 1)
+    return RESOURCE_WORK["evaluate"]
+
+
+# Fail before any job runs: what the jobs need that the profile or this environment
+# cannot give. The profile is checked when the workflow is parsed; the environment when
+# jobs are about to run (a dry run only plans, e.g. on a login node without vllm).
+FORWARD_RULES = [r for r, w in RESOURCE_WORK.items() if w.forward] + (
+    ["merge"] if any(merge_work(get_method(s["method"])).forward for s in METHODS.values() if "method" in s) else []
+)
+check_gpu_placement(FORWARD_RULES, DECLARED_GPUS, workflow.resource_settings.overwrite_resources or {}, cluster=False)
+
+
+onstart:
+    check_backend(config["evaluate"]["backend"])
+    check_gpu_placement(FORWARD_RULES, DECLARED_GPUS, {}, cluster=workflow.non_local_exec)

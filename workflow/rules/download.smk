@@ -1,6 +1,6 @@
 # Bases and experts fetched instead of trained: a hub repository at a pinned revision or a
 # local directory (mergescale.hub), and training splits of public lm-eval tasks
-# (mergescale.lmeval_data). Local rules: downloads need the network, not a GPU.
+# and validation rows (mergescale.lmeval_data). Local rules: downloads need the network, not a GPU.
 
 
 rule download_base:
@@ -35,8 +35,42 @@ rule export_lm_eval_train:
     log:
         "results/logs/export_lm_eval_train/{task}.log",
     wildcard_constraints:
-        task=one_of([t for t, spec in LM_EVAL_TASKS.items() if "train" in spec]),
+        task=one_of([t for t in LM_EVAL_TASKS if lm_eval_split_tasks(LM_EVAL_TASKS[t], "train")]),
     params:
-        lm_task=lambda wc: LM_EVAL_TASKS[wc.task]["train"],
+        lm_tasks=lambda wc: lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], "train"),
+        split="train",
     script:
-        "../scripts/export_lm_eval_train.py"
+        "../scripts/export_lm_eval_split.py"
+
+
+# Validation rows (statistics, fits, tuning): the lm-eval task's own validation split where
+# it is not scored on, else a held-back slice of its training split (mergescale.lmeval_data).
+rule export_lm_eval_validation:
+    output:
+        "results/data/{task}/validation.jsonl",
+    log:
+        "results/logs/export_lm_eval_validation/{task}.log",
+    wildcard_constraints:
+        task=one_of([t for t in LM_EVAL_TASKS if lm_eval_split_tasks(LM_EVAL_TASKS[t], "validation")]),
+    params:
+        lm_tasks=lambda wc: lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], "validation"),
+        split="validation",
+    script:
+        "../scripts/export_lm_eval_split.py"
+
+
+# The validation rows as an lm-eval task (tuning and MAP score candidates on it).
+rule render_lm_eval_validation:
+    input:
+        "results/data/{task}/validation.jsonl",
+    output:
+        "results/tasks/{task}_validation.yaml",
+    log:
+        "results/logs/render_task/{task}_validation.log",
+    wildcard_constraints:
+        task=one_of([t for t in LM_EVAL_TASKS if lm_eval_split_tasks(LM_EVAL_TASKS[t], "validation")]),
+    params:
+        description=lambda wc: f"validation rows of {'+'.join(lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], 'validation'))}",
+        cluster=lambda wc: LM_EVAL_TASKS[wc.task].get("cluster", wc.task),
+    script:
+        "../scripts/render_task.py"

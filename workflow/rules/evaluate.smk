@@ -32,7 +32,7 @@ rule evaluate:
         chat_template=lambda wc: uses_chat_template(wc.model.split("/")[1]),
     threads: 1
     resources:
-        mem_mb=3000,
+        **rule_resources("evaluate", evaluate_work),
     script:
         "../scripts/evaluate.py"
 
@@ -61,7 +61,7 @@ rule evaluate_batch:
         chat_template=False,  # batches hold no chat models (eval_batches)
     threads: 1
     resources:
-        mem_mb=3000,
+        **rule_resources("evaluate_batch"),
     script:
         "../scripts/evaluate_batch.py"
 

@@ -16,7 +16,7 @@ rule finetune_expert:
         chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("finetune_expert"),
     script:
         "../scripts/finetune.py"
 
@@ -37,6 +37,6 @@ rule finetune_multitask:
         chat_template=lambda wc: uses_chat_template(wc.base),
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("finetune_multitask"),
     script:
         "../scripts/finetune.py"

@@ -14,6 +14,6 @@ rule import_base:
         file=lambda wc: config["bases"][wc.base]["gguf"]["file"],
     threads: 1
     resources:
-        mem_mb=4000,
+        **rule_resources("import_base"),
     script:
         "../scripts/import_base.py"

@@ -20,7 +20,7 @@ rule merge:
         seed=config["seed"],
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("merge", merge_rule_work),
     script:
         "../scripts/merge.py"
 
@@ -49,6 +49,6 @@ rule tune:
         limit=config["evaluate"]["limit"],
     threads: 1
     resources:
-        mem_mb=3000,
+        **rule_resources("tune"),
     script:
         "../scripts/tune.py"

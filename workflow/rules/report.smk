@@ -49,6 +49,11 @@ rule plot:
             caption="../report/base_quality.rst",
             category="Figures",
         ),
+        other_methods=report(
+            "results/plots/other_methods.png",
+            caption="../report/other_methods.rst",
+            category="Figures",
+        ),
     log:
         "results/logs/plot.log",
     params:

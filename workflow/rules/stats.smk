@@ -12,6 +12,6 @@ rule compute_stats:
         examples=STATS["examples"],
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("compute_stats"),
     script:
         "../scripts/stats.py"

@@ -138,6 +138,12 @@ class Checkpoint:
         self._pickled = state
 
     # -- access ----------------------------------------------------------------------
+    @property
+    def names_set(self) -> set[str]:
+        if getattr(self, "_names_set", None) is None:
+            self._names_set = set(self.names)
+        return self._names_set
+
     def file_of(self, name: str) -> Path:
         return self._files[name]
 

@@ -38,11 +38,12 @@ from mergescale.io_utils import OutputWriteError, atomic_directory, reporting_wr
 from mergescale.merge import card as card_module
 from mergescale.merge.checkpoint import Checkpoint
 from mergescale.merge.errors import MergeInputError
+from mergescale.merge.layout import MergeLayout, TensorJob
 from mergescale.merge.ops import SCRATCH, tensor_seed
 from mergescale.merge.output import ShardedWriter, copy_model_files
-from mergescale.merge.registry import MergeMethod, get_method, validate_params
+from mergescale.merge.registry import MergeMethod, ResolvedParams, get_method, validate_params
 from mergescale.merge.safetensors_io import PlannedTensor
-from mergescale.merge.validation import check_configs, check_finite, check_tensors
+from mergescale.merge.validation import check_configs, check_finite, check_jobs, check_tensors
 
 log = logging.getLogger("mergescale.merge")
 
@@ -57,7 +58,8 @@ class MergeRequest:
     """Everything that determines a merge. Paths may be str or Path.
 
     dtype: output dtype for floating tensors ("float32", "bfloat16", "float16"), or None
-        to keep each tensor's input dtype.
+        to keep the dtype of each tensor's first input (the base when there is one).
+        Inputs may mix float dtypes: every method computes in float32.
     params: global hyperparameters, plus per-expert ones applying to every expert.
     expert_params: per-expert overrides, one dict per expert (or None).
     """
@@ -82,6 +84,10 @@ class MergeRequest:
     stats: list[Path] | None = None
     fitted: dict[str, Any] | None = None
     card_extra: dict[str, Any] | None = None
+    # A merge config's layout (mergescale.merge.layout): inputs, slices and per-tensor
+    # parameter settings. When given, it decides every output tensor; base and experts
+    # then only describe the merge on its card.
+    layout: MergeLayout | None = None
 
     def __post_init__(self) -> None:
         self.experts = [Path(p) for p in self.experts]
@@ -97,16 +103,18 @@ class MergeResult:
 
 
 def _check_request(req: MergeRequest, method: MergeMethod) -> None:
-    if not req.experts:
+    if not req.experts and req.layout is None:
         raise MergeInputError("no experts given")
     n = len(req.experts)
-    if n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
+    if req.layout is not None:
+        pass  # expert counts and bases are checked per slice when the config is parsed
+    elif n < method.min_experts or (method.max_experts is not None and n > method.max_experts):
         wanted = (
             f"exactly {method.min_experts}" if method.min_experts == method.max_experts
             else f"at least {method.min_experts}" + (f" and at most {method.max_experts}" if method.max_experts else "")
         )
         raise MergeInputError(f"{method.name} merges {wanted} experts, got {n}")
-    if method.needs_base and req.base is None:
+    if method.needs_base and req.base is None and req.layout is None:
         raise MergeInputError(f"{method.name} needs a base model (base_model)")
     if req.dtype is not None and req.dtype not in OUTPUT_DTYPES:
         raise MergeInputError(f"dtype {req.dtype!r} is not one of {sorted(OUTPUT_DTYPES)}")
@@ -130,38 +138,38 @@ def _check_request(req: MergeRequest, method: MergeMethod) -> None:
             f"{method.name} reads per-expert statistics ({', '.join(method.stats)}): "
             f"give one statistics directory per expert (got {len(req.stats or [])} for {n} experts)"
         )
-    inputs = ([req.base] if req.base else []) + req.experts
+    inputs = req.layout.inputs if req.layout is not None else ([req.base] if req.base else []) + req.experts
     for p in inputs:
         if p.resolve() == req.out_dir.resolve():
             raise MergeInputError(f"{req.out_dir}: output directory is also an input")
 
 
 class _Reader:
-    """Reads (and checks) every input's copy of one tensor, optionally one tensor ahead."""
+    """Reads (and checks) every input tensor of one job, optionally one job ahead."""
 
-    def __init__(self, checkpoints: list[Checkpoint], names: list[str], prefetch: bool):
+    def __init__(self, checkpoints: list[Checkpoint], jobs: list[TensorJob], prefetch: bool):
         self.checkpoints = checkpoints
-        self.names = names
-        # bytes read per tensor over all inputs, to decide whether prefetching it is cheap
-        self.sizes = [sum(torch.Size(c.shape(n)).numel() * c.dtype(n).itemsize for c in checkpoints) for n in names]
+        self.jobs = jobs
+        # bytes read per job over all inputs, to decide whether prefetching it is cheap
+        self.sizes = [sum(torch.Size(checkpoints[c].shape(n)).numel() * checkpoints[c].dtype(n).itemsize
+                          for c, n in job.sources) for job in jobs]
         # one worker: reads happen in order, on one thread, so file handles are never shared
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader")
         self._prefetch = prefetch
         self._pending: dict[int, Future] = {}
 
     def _load(self, i: int) -> list[torch.Tensor]:
-        name = self.names[i]
         tensors = []
-        for c in self.checkpoints:
-            t = c.read(name)
-            check_finite(t, name, c)
+        for c, name in self.jobs[i].sources:
+            t = self.checkpoints[c].read(name)
+            check_finite(t, name, self.checkpoints[c])
             tensors.append(t)
         return tensors
 
     def get(self, i: int) -> list[torch.Tensor]:
         future = self._pending.pop(i, None) or self._pool.submit(self._load, i)
         nxt = i + 1
-        if self._prefetch and nxt < len(self.names) and self.sizes[nxt] <= PREFETCH_MAX_BYTES:
+        if self._prefetch and nxt < len(self.jobs) and self.sizes[nxt] <= PREFETCH_MAX_BYTES:
             self._pending[nxt] = self._pool.submit(self._load, nxt)
         return future.result()
 
@@ -184,6 +192,8 @@ def _merge_one(
 ) -> torch.Tensor:
     """Merge one tensor: returns float32 on `device`."""
     tensors = [t.to(device, non_blocking=True) for t in tensors]
+    if len({t.dtype for t in tensors}) > 1:  # mixed float dtypes: compute in float32
+        tensors = [t.float() for t in tensors]
     base = tensors[0] if has_base else None
     experts = tensors[1:] if has_base else tensors
     generator = None
@@ -236,30 +246,47 @@ def run_merge(req: MergeRequest) -> MergeResult:
     _tune_allocator()
     method = get_method(req.method)
     _check_request(req, method)
-    resolved = validate_params(method, req.params, req.expert_params, n_experts=len(req.experts))
+    if req.layout is None:
+        resolved = validate_params(method, req.params, req.expert_params, n_experts=len(req.experts))
+    else:  # resolved per tensor by the layout; these (the constant settings) describe it
+        resolved = ResolvedParams(params=dict(req.params),
+                                  expert_params=list(req.expert_params or [{} for _ in req.experts]))
     out_dtype = OUTPUT_DTYPES[req.dtype] if req.dtype else None
     device = torch.device(req.device)
 
     base_path = req.base
-    if base_path is not None and not method.uses_base:
+    if base_path is not None and not method.uses_base and req.layout is None:
         log.warning("%s does not use a base model; ignoring %s", method.name, base_path)
         base_path = None
     has_base = base_path is not None
-    paths = ([base_path] if has_base else []) + req.experts
+    if req.layout is not None:
+        paths = list(req.layout.inputs)
+    else:
+        paths = ([base_path] if has_base else []) + req.experts
     checkpoints: list[Checkpoint] = []
     old_threads = torch.get_num_threads()
     try:
         for p in paths:
             checkpoints.append(Checkpoint(p, allow_pickle=req.allow_pickle))
         check_configs(checkpoints)
-        names = check_tensors(checkpoints)
-        ref = checkpoints[0]
+        n_layers = None
+        if req.layout is not None:
+            jobs, n_layers = req.layout.expand(method, checkpoints)
+            check_jobs(checkpoints, jobs)
+            ref = checkpoints[req.layout.reference]
+        else:
+            jobs = [TensorJob(n, tuple((i, n) for i in range(len(checkpoints))), has_base)
+                    for n in check_tensors(checkpoints)]
+            ref = checkpoints[0]
+        names = [job.name for job in jobs]
 
-        def output_dtype(n: str) -> torch.dtype:
-            dt = ref.dtype(n)
+        def output_dtype(job: TensorJob) -> torch.dtype:
+            c, n = job.sources[0]
+            dt = checkpoints[c].dtype(n)
             return out_dtype if (out_dtype is not None and dt.is_floating_point) else dt
 
-        plan = [PlannedTensor(n, output_dtype(n), ref.shape(n)) for n in names]
+        plan = [PlannedTensor(job.name, output_dtype(job), checkpoints[job.sources[0][0]].shape(job.sources[0][1]))
+                for job in jobs]
         params = dict(resolved.params)
         if method.setup is not None:
             params.update(method.setup(names, ref.config))
@@ -278,10 +305,10 @@ def run_merge(req: MergeRequest) -> MergeResult:
                 _naming_final_paths(tmp, req.out_dir):
             log.info("merging %d tensors of %d inputs with %s into %s",
                      len(names), len(paths), method.name, req.out_dir)
-            n_parameters, writer = _stream(req, method, checkpoints, names, plan, has_base,
+            n_parameters, writer = _stream(req, method, checkpoints, jobs, plan,
                                            resolved.expert_params, params, device, tmp, start,
                                            stats_reader)
-            copied = copy_model_files(ref.path, tmp, out_dtype)
+            copied = copy_model_files(ref.path, tmp, out_dtype, n_layers=n_layers)
             card = {
                 **card_module.describe(
                     method=method.name, description=method.description, paper=method.paper,
@@ -331,9 +358,8 @@ def _stream(
     req: MergeRequest,
     method: MergeMethod,
     checkpoints: list[Checkpoint],
-    names: list[str],
+    jobs: list[TensorJob],
     plan: list[PlannedTensor],
-    has_base: bool,
     expert_params: list[dict],
     params: dict,
     device: torch.device,
@@ -343,18 +369,21 @@ def _stream(
 ) -> tuple[int, ShardedWriter]:
     """Read, merge and write every tensor into shards in `tmp`; returns (parameters, writer)."""
     writer = ShardedWriter(tmp, plan, req.max_shard_bytes)
-    reader = _Reader(checkpoints, names, req.prefetch)
+    reader = _Reader(checkpoints, jobs, req.prefetch)
     n_parameters = 0
     try:
-        bar = tqdm(total=len(names), unit="tensor", desc=f"merge {method.name}", file=sys.stderr,
+        bar = tqdm(total=len(jobs), unit="tensor", desc=f"merge {method.name}", file=sys.stderr,
                    disable=None if req.progress is None else not req.progress)
-        log_every = max(1, len(names) // 10)  # log lines stand in for the bar in log files
-        for i, (name, planned) in enumerate(zip(names, plan)):
+        log_every = max(1, len(jobs) // 10)  # log lines stand in for the bar in log files
+        for i, (job, planned) in enumerate(zip(jobs, plan)):
+            name = job.name
             tensors = reader.get(i)
             if tensors[0].is_floating_point():
                 stats = stats_reader.get(name, plan[i].shape) if stats_reader else None
-                merged = _merge_one(method, tensors, has_base, expert_params, params, req.seed,
-                                    name, device, stats)
+                job_params = params if job.params is None else {**params, **job.params}
+                merged = _merge_one(method, tensors, job.has_base,
+                                    expert_params if job.expert_params is None else job.expert_params,
+                                    job_params, req.seed, name, device, stats)
             else:  # integer buffers (e.g. position ids) are not merged: copy the reference
                 merged = tensors[0]
             del tensors
@@ -362,8 +391,8 @@ def _stream(
             n_parameters += merged.numel()
             del merged
             bar.update(1)
-            if bar.disable and ((i + 1) % log_every == 0 or i + 1 == len(names)):
-                log.info("merged %d/%d tensors (%.0f s)", i + 1, len(names), time.perf_counter() - start)
+            if bar.disable and ((i + 1) % log_every == 0 or i + 1 == len(jobs)):
+                log.info("merged %d/%d tensors (%.0f s)", i + 1, len(jobs), time.perf_counter() - start)
         bar.close()
         writer.close()
     except BaseException:

@@ -44,11 +44,93 @@ def chunk_ranges(n: int, align: int = 1, chunk: int | None = None) -> list[tuple
 
 
 # -- magnitude top-k ------------------------------------------------------------------
-# Exact top-k without sorting: the k-th largest score is found by selection among a
-# small bracket of candidates, then membership is decided chunk by chunk in flat order.
-# Ties at the threshold go to the lowest flat indices, so the result is deterministic
-# and top_k(a) is inside top_k(b) for a <= b (breadcrumbs relies on that).
-_DIRECT = 1 << 16  # below this many elements, select directly
+# Exact top-k without sorting, in linear time. A strided sample brackets the k-th
+# largest score; one pass counts the scores above the bracket and collects the few
+# inside it (about 1%), among which the threshold is selected. Should the bracket miss
+# (a pathological distribution), a two-pass radix select over the scores' bit patterns
+# finds it exactly (for non-negative float32 the integer order of the bits is the
+# numeric order): a histogram of the high 16 bits finds the bucket holding the
+# threshold, a histogram of the low 16 bits of that bucket's members the threshold
+# itself. Ties at the threshold go to the lowest flat indices, so the result is
+# deterministic and top_k(a) is inside top_k(b) for a <= b (breadcrumbs relies on that).
+_HIGH = 1 << 15  # buckets of the high 16 bits (the sign bit of a score is 0)
+_LOW = 1 << 16
+
+
+class TopK:
+    """Membership in the top k of |x| for a tensor x that is streamed in flat order."""
+
+    def __init__(self, threshold: float, ties_left: int, equal_left: int | None = None):
+        self.threshold = threshold  # the k-th largest |x|
+        self.ties_left = ties_left  # entries with |x| equal to it that are still in the top k
+        # entries equal to it not yet seen (None: unknown); when every remaining one is
+        # kept, one comparison per entry decides membership
+        self.equal_left = equal_left
+
+    def _all_ties_kept(self) -> bool:
+        return self.equal_left is not None and self.ties_left >= self.equal_left
+
+    def trim(self, x: torch.Tensor) -> torch.Tensor:
+        """The next chunk of x with entries outside the top k zeroed (a new tensor)."""
+        if self.threshold == float("inf"):
+            return torch.zeros_like(x)
+        if self.ties_left <= 0 or self.threshold == 0:  # kept zeros are zeros anyway
+            return F.hardshrink(x, self.threshold)  # keeps |x| > threshold in one fused pass
+        if self._all_ties_kept():
+            return F.hardshrink(x, _below(self.threshold))  # keeps |x| >= threshold
+        out = F.hardshrink(x, self.threshold)
+        tied = torch.nonzero(x.reshape(-1).abs() == self.threshold).squeeze(1)
+        self._take(tied)
+        keep = tied[: self._taken]
+        out.view(-1)[keep] = x.reshape(-1)[keep]
+        return out
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """Boolean membership for the next chunk, given its scores (|x|, or any score)."""
+        if self.ties_left <= 0:
+            return scores > self.threshold
+        if self._all_ties_kept():
+            return scores >= self.threshold
+        m = scores > self.threshold
+        tied = torch.nonzero(scores.reshape(-1) == self.threshold).squeeze(1)
+        self._take(tied)
+        m.view(-1)[tied[: self._taken]] = True
+        return m
+
+    def _take(self, tied: torch.Tensor) -> None:
+        self._taken = min(self.ties_left, tied.numel())
+        self.ties_left -= self._taken
+        if self.equal_left is not None:
+            self.equal_left -= tied.numel()
+
+
+def _top_of(hist: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """In a histogram over ordered bins, the bin holding the k-th largest entry (k >= 1):
+    (bin, entries in higher bins, entries in it)."""
+    from_top = hist.flip(0).cumsum(0)  # entries in the top j + 1 bins
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype, device=from_top.device)))
+    above = int(from_top[j - 1]) if j > 0 else 0
+    b = hist.numel() - 1 - j
+    return b, above, int(hist[b])
+
+
+def _radix_select(chunks, k: int) -> TopK:
+    """The k-th largest of non-negative finite float32 scores, given `chunks()`: an
+    iterable over them in flat order (called twice: once per 16 bits)."""
+    high = None
+    for sc in chunks():
+        h = torch.bincount(sc.reshape(-1).view(torch.int32) >> 16, minlength=_HIGH)
+        high = h if high is None else high.add_(h)
+    bucket, above, _ = _top_of(high, k)
+    low = None
+    for sc in chunks():
+        # low 16 bits of the bucket's members in bins 1.._LOW; bin 0 below it, _LOW + 1 above
+        key = torch.sub(sc.reshape(-1).view(torch.int32), (bucket << 16) - 1).clamp_(0, _LOW + 1)
+        h = torch.bincount(key, minlength=_LOW + 2)
+        low = h if low is None else low.add_(h)
+    low_bits, above_low, equal = _top_of(low[1:_LOW + 1], k - above)
+    threshold = float(torch.tensor([(bucket << 16) | low_bits], dtype=torch.int32).view(torch.float32))
+    return TopK(threshold, k - above - above_low, equal)
 
 
 def _sample_step(n: int) -> int:
@@ -58,37 +140,10 @@ def _sample_step(n: int) -> int:
     return max(1, n // m)
 
 
-class TopK:
-    """Membership in the top k of |x| for a tensor x that is streamed in flat order."""
-
-    def __init__(self, threshold: float, ties_left: int):
-        self.threshold = threshold  # the k-th largest |x|
-        self.ties_left = ties_left  # entries with |x| equal to it that are still in the top k
-
-    def trim(self, x: torch.Tensor) -> torch.Tensor:
-        """The next chunk of x with entries outside the top k zeroed (a new tensor)."""
-        # hardshrink keeps |x| > threshold in one fused pass (threshold -inf keeps all)
-        out = F.hardshrink(x, self.threshold) if self.threshold != float("inf") else torch.zeros_like(x)
-        if self.ties_left > 0:
-            tied = torch.nonzero(x.reshape(-1).abs() == self.threshold).squeeze(1)[: self.ties_left]
-            out.view(-1)[tied] = x.reshape(-1)[tied]
-            self.ties_left -= tied.numel()
-        return out
-
-    def mask(self, scores: torch.Tensor) -> torch.Tensor:
-        """Boolean membership for the next chunk, given its scores (|x|, or any score)."""
-        m = scores > self.threshold
-        if self.ties_left > 0:
-            tied = torch.nonzero(scores.reshape(-1) == self.threshold).squeeze(1)[: self.ties_left]
-            m.view(-1)[tied] = True
-            self.ties_left -= tied.numel()
-        return m
-
-
 def _bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
     """Values (lo, hi) that very probably enclose the k-th largest of n scores, from a
     strided sample of them; six binomial standard deviations of slack make a miss
-    (handled by an exact fallback) very rare."""
+    (handled by the radix select) very rare."""
     m, q = sample.numel(), k / n
     slack = 6 * math.sqrt(m * q * (1 - q)) + 8
     i_hi, i_lo = math.floor(q * m - slack), math.ceil(q * m + slack)
@@ -97,37 +152,46 @@ def _bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
     return lo, hi
 
 
+def _in_pool(pool: torch.Tensor, above: int, k: int) -> TopK:
+    """The threshold is in `pool`, which holds every score equal to it; `above` scores
+    (not in it) are larger than all of it. The pool is small: select in it directly."""
+    r = k - above  # rank of the threshold inside the pool, from the top
+    threshold = float(torch.kthvalue(pool, pool.numel() - r + 1).values)
+    greater = above + int(torch.count_nonzero(pool > threshold))
+    return TopK(threshold, k - greater, int(torch.count_nonzero(pool == threshold)))
+
+
+_DIRECT = 1 << 16  # below this many scores, select over all of them at once
+
+
 def select_top_k(scores_of, n: int, k: int) -> TopK:
     """Find the k-th largest of n scores; `scores_of(slice)` computes scores for a slice.
 
-    The slice may be strided (for the sample). Scores must be finite float32; the
-    returned tensor need only stay valid until the next call.
+    The slice may be strided (for the sample). Scores must be non-negative finite
+    float32 (|x|, a variance); the returned tensor need only stay valid until the next call.
     """
     if k <= 0:
         return TopK(float("inf"), 0)
     if k >= n:
         return TopK(float("-inf"), 0)
     if n <= _DIRECT:
-        return _exact(scores_of(slice(0, n)), 0, k)
-    step = _sample_step(n)
-    lo, hi = _bracket(scores_of(slice(0, n, step)), n, k)
+        return _radix_select(lambda: (scores_of(slice(0, n)),), k)
+    lo, hi = _bracket(scores_of(slice(0, n, _sample_step(n))), n, k)
     above, candidates = 0, []
     for s, e in chunk_ranges(n):
         sc = scores_of(slice(s, e))
         above += int(torch.count_nonzero(sc > hi))
         candidates.append(sc[(sc >= lo) & (sc <= hi)])
     pool = torch.cat(candidates)
-    if not 0 < k - above <= pool.numel():  # the bracket missed: select over everything
-        return _exact(torch.cat([scores_of(slice(s, e)).clone() for s, e in chunk_ranges(n)]), 0, k)
-    return _exact(pool, above, k)
+    if not 0 < k - above <= pool.numel():  # the bracket missed: radix over everything
+        return _radix_select(lambda: (scores_of(slice(s, e)) for s, e in chunk_ranges(n)), k)
+    return _in_pool(pool, above, k)
 
 
-def _exact(pool: torch.Tensor, above: int, k: int) -> TopK:
-    """The threshold is in `pool`; `above` scores (not in it) are larger than all of it."""
-    r = k - above  # rank of the threshold inside the pool, from the top
-    threshold = float(torch.kthvalue(pool, pool.numel() - r + 1).values)
-    greater = above + int(torch.count_nonzero(pool > threshold))
-    return TopK(threshold, k - greater)
+def _abs_scores(flat: torch.Tensor) -> torch.Tensor:
+    """|flat| in float32, in a reused buffer (valid until the next call)."""
+    out = SCRATCH.get("topk.scores", (flat.numel(),), torch.float32, flat.device)
+    return torch.abs(flat, out=out) if flat.dtype == torch.float32 else out.copy_(flat).abs_()
 
 
 def top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,7 +208,7 @@ def top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(x)
     if n <= _DIRECT:
-        return _exact(flat.abs(), 0, k).trim(flat).reshape(x.shape)
+        return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
     lo, hi = _bracket(flat[:: _sample_step(n)].abs(), n, k)
     if lo <= 0:
         if int(torch.count_nonzero(flat)) <= k:  # every non-zero entry is in the top k
@@ -156,11 +220,15 @@ def top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
     index = torch.nonzero(band).squeeze(1)  # ascending flat order
     values = band[index]
     r = k - above
-    if not 0 < r <= index.numel():  # the bracket missed
-        return _exact(flat.abs(), 0, k).trim(flat).reshape(x.shape)
-    sel = _exact(values.abs(), 0, r)
-    kept[index] = sel.trim(values)
+    if not 0 < r <= index.numel():  # the bracket missed: radix over everything
+        return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
+    kept[index] = _in_pool(values.abs(), 0, r).trim(values)
     return kept.reshape(x.shape)
+
+
+def top_k_trim_(x: torch.Tensor, k: int) -> torch.Tensor:
+    """top_k_trim into x itself."""
+    return x.copy_(top_k_trim(x, k))
 
 
 _TINY = float(torch.finfo(torch.float32).tiny)
@@ -299,10 +367,15 @@ def orthogonalize(m: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+_LAYER = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
 
 
 def layer_index(name: str) -> int | None:
     """Transformer block index in a tensor name ("model.layers.3.mlp..." -> 3), else None."""
-    match = _LAYER.search(f".{name}")
-    return int(match.group(1)) if match else None
+    match = _LAYER.search(name)
+    return int(match.group(3)) if match else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """`name` with its block index replaced ("model.layers.3.x" -> "model.layers.<index>.x")."""
+    return _LAYER.sub(lambda m: f"{m.group(1)}{m.group(2)}.{index}.", name, count=1)

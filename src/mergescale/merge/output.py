@@ -95,8 +95,9 @@ class ShardedWriter:
         return sum(t.nbytes for shard in self.shards for t in shard)
 
 
-def copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None) -> list[str]:
-    """Copy config, generation config and tokenizer files; record the output dtype in config.json."""
+def copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None, n_layers: int | None = None) -> list[str]:
+    """Copy config, generation config and tokenizer files; record the output dtype in
+    config.json, and the layer count when slices changed it."""
     copied = []
     config_path = src / "config.json"
     if config_path.is_file():
@@ -107,6 +108,8 @@ def copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None) -> lis
             keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
             for key in keys:
                 config[key] = DTYPE_NAMES[out_dtype]
+        if n_layers is not None and config.get("num_hidden_layers", n_layers) != n_layers:
+            config["num_hidden_layers"] = n_layers
         with reporting_write_errors(dst / "config.json"), open(dst / "config.json", "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")

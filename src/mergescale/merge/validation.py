@@ -57,12 +57,38 @@ def check_tensors(checkpoints: list[Checkpoint]) -> list[str]:
             )
         _check_shapes(ref, other)
         for name in ref.names:
-            if other.dtype(name) != ref.dtype(name):
-                raise MergeInputError(
-                    f"tensor {name!r}: dtype {ref.dtype(name)} in {ref.file_of(name)} "
-                    f"vs {other.dtype(name)} in {other.file_of(name)}"
-                )
+            check_castable(name, (ref, name), (other, name))
     return list(ref.names)
+
+
+def check_castable(name: str, a: tuple[Checkpoint, str], b: tuple[Checkpoint, str]) -> None:
+    """Float inputs of any float dtype merge (cast to float32); an integer tensor merges
+    only with the same integer dtype, since it is copied, not computed."""
+    (ca, na), (cb, nb) = a, b
+    da, db = ca.dtype(na), cb.dtype(nb)
+    if da == db or (da.is_floating_point and db.is_floating_point):
+        return
+    raise MergeInputError(
+        f"tensor {name!r}: dtype {da} in {ca.file_of(na)} cannot be merged with {db} in "
+        f"{cb.file_of(nb)} (only floating-point dtypes are cast to the computation dtype)"
+    )
+
+
+def check_jobs(checkpoints: list[Checkpoint], jobs) -> None:
+    """Every input tensor of every job (mergescale.merge.layout.TensorJob) exists, and the
+    inputs of one job agree in shape and have castable dtypes."""
+    for job in jobs:
+        for c, name in job.sources:
+            if name not in checkpoints[c].names_set:
+                raise MergeInputError(f"tensor {name!r} (for output tensor {job.name!r}) is missing from "
+                                      f"{checkpoints[c].path}")
+        (c0, n0), rest = job.sources[0], job.sources[1:]
+        for c, name in rest:
+            if checkpoints[c].shape(name) != checkpoints[c0].shape(n0):
+                raise MergeInputError(
+                    f"tensor {name!r}: shape {list(checkpoints[c0].shape(n0))} in {checkpoints[c0].file_of(n0)} "
+                    f"vs {list(checkpoints[c].shape(name))} in {checkpoints[c].file_of(name)}")
+            check_castable(name, (checkpoints[c0], n0), (checkpoints[c], name))
 
 
 def _vocab_size(checkpoint: Checkpoint) -> int | None:

@@ -29,6 +29,6 @@ if ATLAS:
             seed=config["seed"],
         threads: 1
         resources:
-            mem_mb=2000,
+            **rule_resources("merge_atlas"),
         script:
             "../../scripts/atlas.py"

@@ -30,6 +30,6 @@ rule merge_lora_lego:
         seed=config["seed"],
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("merge_lora_lego"),
     script:
         "../../scripts/lora_lego.py"

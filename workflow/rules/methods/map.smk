@@ -30,7 +30,7 @@ rule merge_map:
         limit=config["evaluate"]["limit"],
     threads: 1
     resources:
-        mem_mb=3000,
+        **rule_resources("merge_map"),
     script:
         "../../scripts/map_pareto.py"
 

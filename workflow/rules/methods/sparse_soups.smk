@@ -41,7 +41,7 @@ if SPARSE_SOUPS:
             },
         threads: 1
         resources:
-            mem_mb=2000,
+            **rule_resources("sparse_soup_cycle"),
         script:
             "../../scripts/sparse_soup_cycle.py"
 

@@ -26,6 +26,6 @@ rule twin_merging:
         seed=config["seed"],
     threads: 1
     resources:
-        mem_mb=2000,
+        **rule_resources("twin_merging"),
     script:
         "../../scripts/twin_merging.py"

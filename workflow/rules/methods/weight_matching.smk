@@ -39,7 +39,7 @@ if CROSS_SEED:
             seed=config["seed"],
         threads: 1
         resources:
-            mem_mb=2000,
+            **rule_resources("merge_cross_seed"),
         script:
             "../../scripts/weight_matching.py"
 
@@ -67,7 +67,7 @@ if CROSS_SEED:
             seed=config["seed"],
         threads: 1
         resources:
-            mem_mb=3000,
+            **rule_resources("barrier"),
         script:
             "../../scripts/barrier.py"
 

@@ -99,7 +99,7 @@ class _Sparsifier:
     def trim_whole(self, tau: torch.Tensor) -> None:
         """Magnitude kinds: trim the whole (flat) task vector in place."""
         if self.kind == "magnitude":
-            tau.copy_(ops.top_k_trim(tau, self.k))
+            ops.top_k_trim_(tau, self.k)
         elif self.kind == "outliers":
             # nested top-k sets: the band is the big set minus the outliers
             tau.copy_(ops.top_k_trim(tau, self.k).sub_(ops.top_k_trim(tau, self.k_outliers)))
@@ -178,7 +178,9 @@ def generalized_task_arithmetic(
             for i in range(k):
                 deltas[i].copy_(flats[i][s:e]).sub_(b)
         for i in range(k):
-            sparsifiers[i].apply(deltas[i], (e - s) // row).mul_(weights[i])
+            sparsifiers[i].apply(deltas[i], (e - s) // row)
+            if weights[i] != 1:
+                deltas[i].mul_(weights[i])
 
         if consensus is not None:
             votes = deltas.sum(dim=0) if consensus == "sum" else deltas.sign().sum(dim=0)
@@ -188,7 +190,10 @@ def generalized_task_arithmetic(
             agreeing = deltas.mul_(elected).relu_()  # |entries| agreeing with the elected sign
             mixed = agreeing.sum(dim=0).mul_(elected)
             if params["normalize"]:
-                divisor = (agreeing.sign_() * w).sum(dim=0)  # sum of weights that contributed
+                if len(set(weights)) == 1:  # equal weights: count the contributors
+                    divisor = agreeing.sign_().sum(dim=0).mul_(weights[0])
+                else:
+                    divisor = (agreeing.sign_() * w).sum(dim=0)  # sum of weights that contributed
                 mixed.div_(divisor.add_(divisor == 0))  # nothing contributed: divide by 1
         else:
             mixed = deltas.sum(dim=0)
