@@ -10,7 +10,10 @@ their wall and CPU seconds, and splits each job's wall time into
   work:     the script's body (`mergescale.job.log_to`; imports done lazily inside it
             count as work),
   other:    what the benchmark saw around both (Snakemake's job wrapper and shell),
-from the timing line every job writes at the end of its log. With --wall (the run's wall
+from the timing line every job writes at the end of its log. For jobs the run's worker
+ran (mergescale.worker), start-up is the client's: its interpreter, Snakemake's preamble,
+the hand-over and the fork; their CPU is the benchmark's (the client) plus the worker
+child's, from the same line. With --wall (the run's wall
 time in seconds) it also reports the scheduler's share: core-seconds the run had
 (wall x cores) that no job used. With --configfile it also asks Snakemake (dry run) which
 jobs are still to run and estimates their wall time on --cores cores: per rule, the
@@ -34,16 +37,20 @@ from mergescale.job import read_timing  # noqa: E402
 
 
 def finished_jobs(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
-    """{rule: [(wall s, cpu s), ...]} from results/benchmarks/<rule>/**.tsv."""
+    """{rule: [(wall s, cpu s), ...]} from results/benchmarks/<rule>/**.tsv, plus the CPU
+    of the worker's child for jobs the worker ran (the benchmark sees only the client)."""
     out = defaultdict(list)
     root = run_dir / "results" / "benchmarks"
+    logs = run_dir / "results" / "logs"
     for tsv in sorted(root.rglob("*.tsv")):
         rows = list(csv.DictReader(tsv.open(), delimiter="\t"))
         if not rows:
             continue
-        rule = tsv.relative_to(root).parts[0].removesuffix(".tsv")
-        cpu = rows[-1].get("cpu_time") or "nan"
-        out[rule].append((float(rows[-1]["s"]), float(cpu)))
+        rel = tsv.relative_to(root)
+        rule = rel.parts[0].removesuffix(".tsv")
+        cpu = float(rows[-1].get("cpu_time") or "nan")
+        timing = read_timing((logs / rel).with_suffix(".log")) or {}
+        out[rule].append((float(rows[-1]["s"]), cpu + timing.get("worker_cpu_s", 0.0)))
     return out
 
 
@@ -55,7 +62,7 @@ def job_splits(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
         timing = read_timing(log)
         if timing is None:
             continue
-        rule = log.relative_to(root).parts[0]
+        rule = log.relative_to(root).parts[0].removesuffix(".log")
         out[rule].append((timing["work_start"] - timing["process_start"],
                           timing["work_end"] - timing["work_start"]))
     return out
@@ -101,6 +108,13 @@ def main(argv=None) -> None:
         print(f"{rule:28s} {len(jobs):5d} {wall:9.1f} {cpu:9.1f} {cpu / len(jobs):9.1f} "
               f"{startup:9.1f} {work:9.1f} {wall - startup - work:9.1f} "
               f"{100 * work / wall if wall else 0:6.0f}%")
+    light = {rule: jobs for rule, jobs in splits.items() if rule not in done}
+    if light:  # rules without a benchmark file: their wall time is start-up + work
+        startup = sum(s for jobs in light.values() for s, _ in jobs)
+        work = sum(w for jobs in light.values() for _, w in jobs)
+        print(f"rules without benchmark files ({', '.join(sorted(light))}): "
+              f"{sum(map(len, light.values()))} jobs, start-up {startup:.1f} s + work {work:.1f} s "
+              f"({100 * work / (startup + work) if startup + work else 0:.0f}% work)")
     total_cpu = sum(c for jobs in done.values() for _, c in jobs)
     print(f"finished: {sum(map(len, done.values()))} jobs, {total_cpu:.0f} CPU s "
           f"(>= {total_cpu / args.cores / 60:.1f} min of wall on {args.cores} cores)")

@@ -1,3 +1,4 @@
+from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 from mergescale.job import log_to, set_threads
 from mergescale.lora_lego import merge_lora_lego
 from mergescale.rule_methods import resolve_params
