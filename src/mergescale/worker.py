@@ -60,7 +60,8 @@ PRELOAD = (
     "mergescale.merge", "mergescale.merge.data_aware", "mergescale.opcm", "mergescale.plots",
     "mergescale.rule_methods", "mergescale.sparse_soups", "mergescale.sparse_soups_report",
     "mergescale.spec_models", "mergescale.stages", "mergescale.stats", "mergescale.tasks",
-    "mergescale.tasks.lmeval_yaml", "mergescale.tuning", "mergescale.twin_merging",
+    "mergescale.tasks.lmeval_yaml", "mergescale.task_vector_stats", "mergescale.tuning",
+    "mergescale.twin_merging", "mergescale.results_page", "mergescale.inference",
 )
 
 # Environment variables that differ between the jobs of one run without changing imports.

@@ -1,3 +1,4 @@
+from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 from pathlib import Path
 
 from mergescale.io_utils import atomic_write_json

@@ -1,3 +1,4 @@
+from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 import json
 from pathlib import Path
 
