@@ -155,3 +155,17 @@ def test_figures_from_a_study_table(tmp_path):
     for name in ("nk", "mt", "bq"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
         assert (tmp_path / f"{name}.pdf").exists()
+
+
+def test_base_quality_figure_with_a_quality_that_the_paper_methods_never_merge(tmp_path):
+    """A variant quality (e.g. LoRA experts) merged only by other methods at one size: the
+    figure leaves its bars out instead of failing on an empty, untyped interval table."""
+    table = simulate_study(np.random.default_rng(11), CLEAR)
+    lonely = table[table.quality == "instruct"].copy()
+    lonely["quality"], lonely["method"] = "lora", "lora_lego"
+    table = pd.concat([table, lonely], ignore_index=True)
+    # as read back from a CSV whose held-out columns are empty for some rows
+    table["held_out_ratio_of_sums"] = table.held_out_ratio_of_sums.astype(object)
+    table.loc[table.index[:5], "held_out_ratio_of_sums"] = None
+    plot_base_quality(table, tmp_path / "bq.png")
+    assert (tmp_path / "bq.png").stat().st_size > 10_000

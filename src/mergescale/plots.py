@@ -271,6 +271,8 @@ def plot_base_quality(normalized: pd.DataFrame, out: Path, small: bool = False) 
             ax, column = axes[row][col], metric_column(data, metric)
             for i, quality in enumerate(qualities):
                 s = over_replicates(at[at.quality.astype(str) == quality], column, ["k"])
+                if s.empty:  # this quality has no merge of the paper's methods at this size
+                    continue
                 counts += list(s.replicates)
                 x = np.array([ks.index(k) for k in s.k]) + (i - (len(qualities) - 1) / 2) * width
                 err = np.vstack([s["mean"] - s["low"], s["high"] - s["mean"]])

@@ -23,10 +23,12 @@ def over_replicates(table: pd.DataFrame, column: str, keys: list[str], level: fl
     t interval (low, high; NaN with one replicate) and the number of replicates."""
     columns = [*keys, "mean", "low", "high", "replicates"]
     rows = table[table[column].notna()] if column in table.columns else table.iloc[:0]
-    if rows.empty:
-        return pd.DataFrame(columns=columns)
+    if rows.empty:  # typed, so that arithmetic on the empty columns stays numeric
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
     replicate = rows["replicate"].fillna(0) if "replicate" in rows.columns else 0
-    per = rows.assign(replicate=replicate).groupby([*keys, "replicate"])[column].mean()
+    # a column read back with empty cells can be of object dtype: means must be floats
+    values = pd.to_numeric(rows[column], errors="coerce").astype(float)
+    per = rows.assign(replicate=replicate, **{column: values}).groupby([*keys, "replicate"])[column].mean()
     out = per.groupby(level=list(range(len(keys)))).agg(["mean", "std", "count"]).reset_index()
     n = out["count"].to_numpy(float)
     with np.errstate(invalid="ignore", divide="ignore"):
