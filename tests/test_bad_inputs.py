@@ -45,6 +45,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,9 +215,11 @@ def test_evil_checkpoint_does_run_code_when_trusted(tmp_path):
 def test_remote_code_never_runs_when_merging(evil, tmp_path, capsys):
     for kind, path in evil.items():
         out = tmp_path / f"merged_{kind}"
-        assert main(["merge", str(merge_yaml(tmp_path / f"{kind}.yaml", "linear", [path, path])), str(out)]) == 0
+        twin = tmp_path / f"{kind}_twin"  # a model may be listed once: merge it with a copy
+        shutil.copytree(path, twin)
+        assert main(["merge", str(merge_yaml(tmp_path / f"{kind}.yaml", "linear", [path, twin])), str(out)]) == 0
         assert not (out / "evil.py").exists()  # code is never copied into a merge either
-        assert not marker_of(path).exists(), kind
+        assert not marker_of(path).exists() and not marker_of(twin).exists(), kind
 
 
 def test_remote_code_never_runs_when_loading(evil):

@@ -82,12 +82,26 @@ def check_jobs(checkpoints: list[Checkpoint], jobs) -> None:
             if name not in checkpoints[c].names_set:
                 raise MergeInputError(f"tensor {name!r} (for output tensor {job.name!r}) is missing from "
                                       f"{checkpoints[c].path}")
+    # A different architecture is reported before a vocabulary mismatch (as _check_shapes).
+    vocabulary = None
+    for job in jobs:
+        (c0, n0), rest = job.sources[0], job.sources[1:]
+        ref = checkpoints[c0]
+        for c, name in rest:
+            other = checkpoints[c]
+            if other.shape(name) == ref.shape(n0):
+                continue
+            if name == n0 and _is_vocab_rows(name, ref, other):
+                vocabulary = vocabulary or (name, ref, other)
+                continue
+            raise MergeInputError(
+                f"tensor {name!r}: shape {list(ref.shape(n0))} in {ref.file_of(n0)} "
+                f"vs {list(other.shape(name))} in {other.file_of(name)}")
+    if vocabulary:
+        raise _vocabulary_error(*vocabulary)
+    for job in jobs:
         (c0, n0), rest = job.sources[0], job.sources[1:]
         for c, name in rest:
-            if checkpoints[c].shape(name) != checkpoints[c0].shape(n0):
-                raise MergeInputError(
-                    f"tensor {name!r}: shape {list(checkpoints[c0].shape(n0))} in {checkpoints[c0].file_of(n0)} "
-                    f"vs {list(checkpoints[c].shape(name))} in {checkpoints[c].file_of(name)}")
             check_castable(name, (checkpoints[c0], n0), (checkpoints[c], name))
 
 
@@ -118,9 +132,12 @@ def _check_shapes(ref: Checkpoint, other: Checkpoint) -> None:
             f"tensor {name!r}: shape {list(ref.shape(name))} in {ref.file_of(name)} "
             f"vs {list(other.shape(name))} in {other.file_of(name)}"
         )
-    name = differing[0]
+    raise _vocabulary_error(differing[0], ref, other)
+
+
+def _vocabulary_error(name: str, ref: Checkpoint, other: Checkpoint) -> MergeInputError:
     rows, other_rows = ref.shape(name)[0], other.shape(name)[0]
-    raise MergeInputError(
+    return MergeInputError(
         f"vocabulary size mismatch in tensor {name!r}: {rows} rows in {ref.file_of(name)} vs "
         f"{other_rows} rows in {other.file_of(name)}. Every model must use the tokenizer of "
         f"{ref.path}: resize the embeddings of {other.path} to its {rows}-token vocabulary "
