@@ -231,6 +231,7 @@ def test_fetched_base_and_experts_run_through_the_dag(tmp_path):
     assert planned_jobs(work, config=path) == {
         "make_task_data": 4, "render_task": 4, "download_base": 1, "download_expert": 3,
         "merge": 1, "ensemble": 1, "evaluate": 2, "evaluate_batch": 1, "unbatch_scores": 4,
+        "task_vector_stats": 1, "task_vector_table": 1,
         "aggregate": 1, "findings": 1, "plot": 1, "all": 1}
     snakemake(work, "--cores", "2", config=path, timeout=1200)
     scores = pd.read_csv(work / "results/tables/scores.csv")
