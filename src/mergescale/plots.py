@@ -242,7 +242,7 @@ def plot_merged_vs_multitask(normalized: pd.DataFrame, out: Path, small: bool = 
     for ax in axes.flat:  # the reference line is the multitask model itself
         ax.axhline(1.0, label="multitask model", **REFERENCE_LINES["multitask"][1])
     note = interval_note(counts)
-    fig.suptitle("Merged models relative to the multitask model of the same expert subset"
+    fig.suptitle("Merged models relative to the multitask model (on the subset's tasks)"
                  + (f"\n(mean over base qualities: {', '.join(qualities)})" if len(qualities) > 1 else ""))
     _legend(fig, axes, title=note, ncol=len(methods) + 1)
     _save(fig, out, small)
