@@ -114,8 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     findings.add_argument("--json", action="store_true",
                           help="print a JSON list: one object per comparison and one per claim "
                                "(comparison \"claim\")")
-    findings.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default 2000)")
-    findings.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    _add_bootstrap_arguments(findings)
     findings.set_defaults(func=_cmd_findings)
 
     results = sub.add_parser("results", help="write a run's results page (claims, figures, method "
@@ -125,8 +124,7 @@ def _build_parser() -> argparse.ArgumentParser:
     results.add_argument("--figures", default=None, help="folder of the page's PNGs (default: figures/ beside the page)")
     results.add_argument("--methods", default=None,
                          help="results folder of the other-methods grid (its table on the page)")
-    results.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default 2000)")
-    results.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    _add_bootstrap_arguments(results)
     results.set_defaults(func=_cmd_results)
 
     record = sub.add_parser("record-run", help="add a timed step (install, a grid) to a run's "
@@ -140,6 +138,12 @@ def _build_parser() -> argparse.ArgumentParser:
     record.add_argument("--new", action="store_true", help="start a new record (drop earlier steps)")
     record.set_defaults(func=_cmd_record_run)
     return parser
+
+
+def _add_bootstrap_arguments(parser) -> None:
+    """The findings' resampling, the same for every command that tests the claims."""
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -184,6 +184,17 @@ def _k_axes(fig, axes, ks: list, metrics: list[str]) -> None:
         ax.set_xlabel("experts merged (k)")
 
 
+def _method_lines(ax, at: pd.DataFrame, column: str, methods: list[str]) -> list[int]:
+    """One line per method of `column` against k, averaged over replicates with their
+    intervals, side by side; returns the replicate count of every point (for the note)."""
+    counts = []
+    for offset, method in zip(_offsets(len(methods)), methods):
+        s = over_replicates(at[at.method == method], column, ["k"])
+        counts += list(s.replicates)
+        _draw(ax, s, offset, method_colour(method), method)
+    return counts
+
+
 def plot_normalized_vs_k(normalized: pd.DataFrame, quality: str, out: Path, small: bool = False) -> str:
     """The paper's main figure for one base quality: normalised held-in (top) and held-out
     (bottom) vs k, a panel per size, a line per method of the paper's four, intervals over
@@ -199,10 +210,7 @@ def plot_normalized_vs_k(normalized: pd.DataFrame, quality: str, out: Path, smal
         axes[0][col].set_title(_size_title(data, size), fontsize="medium")
         for row, metric in enumerate(metrics):
             ax, column = axes[row][col], metric_column(data, metric)
-            for offset, method in zip(_offsets(len(methods)), methods):
-                s = over_replicates(at[at.method == method], column, ["k"])
-                counts += list(s.replicates)
-                _draw(ax, s, offset, method_colour(method), method)
+            counts += _method_lines(ax, at, column, methods)
             for ref, (label, style) in REFERENCE_LINES.items():
                 s = over_replicates(at[at.method == ref], column, ["k"])
                 if len(s):
@@ -216,7 +224,7 @@ def plot_normalized_vs_k(normalized: pd.DataFrame, quality: str, out: Path, smal
 
 
 def plot_merged_vs_multitask(normalized: pd.DataFrame, out: Path, small: bool = False) -> str:
-    """Merged ÷ the multitask model of the same subset (1 = as good as multitask training),
+    """Merged ÷ the multitask reference on the subset's tasks (1 = as good as multitask training),
     held-in (top) and held-out (bottom) vs k, a panel per size, a line per method of the
     paper's four; each replicate averaged over the base qualities. Ratio of sums over the
     tasks where the multitask model is above chance. Returns the interval note."""
@@ -232,10 +240,7 @@ def plot_merged_vs_multitask(normalized: pd.DataFrame, out: Path, small: bool = 
         axes[0][col].set_title(_size_title(data, size), fontsize="medium")
         for row, metric in enumerate(metrics):
             ax, column = axes[row][col], metric_column(data, metric)
-            for offset, method in zip(_offsets(len(methods)), methods):
-                s = over_replicates(at[at.method == method], column, ["k"])
-                counts += list(s.replicates)
-                _draw(ax, s, offset, method_colour(method), method)
+            counts += _method_lines(ax, at, column, methods)
             if not at[column].notna().any():
                 _no_data(ax, "undefined: the multitask model\nis at chance on every task")
     _k_axes(fig, axes, sorted(data.k.unique()), metrics)

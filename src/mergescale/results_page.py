@@ -162,7 +162,7 @@ def _figures(normalized: pd.DataFrame, methods_table: pd.DataFrame | None, figur
             f"Normalised held-in (merged ÷ each task's expert) and held-out (merged ÷ base) "
             f"score against the number of merged experts k, {quality} bases, a panel per "
             f"size and a line per method ({four}); ratios of sums over tasks. The multitask "
-            f"model of the same subset (dashed) and the base (dotted) are references. {_sentence(note)}")))
+            f"reference (dashed) and the base (dotted) are shown for comparison. {_sentence(note)}")))
     file = figures_dir / "base_quality.png"
     note = plot_base_quality(normalized, file, small=True)
     figures.append(Figure(file, "Base quality", (
@@ -172,7 +172,7 @@ def _figures(normalized: pd.DataFrame, methods_table: pd.DataFrame | None, figur
     file = figures_dir / "merged_vs_multitask.png"
     note = plot_merged_vs_multitask(normalized, file, small=True)
     figures.append(Figure(file, "Merged vs multitask", (
-        "Merged models ÷ the multitask model trained on the same expert subset (1: as good as "
+        "Merged models ÷ the multitask reference, scored on the subset's tasks (1: as good as "
         "multitask training), ratio of sums over the tasks where the multitask model is above "
         f"chance; a panel per size, a line per method, each replicate averaged over base qualities. {_sentence(note)}")))
     others = methods_table if methods_table is not None else normalized
