@@ -1,4 +1,4 @@
-"""Validation-split tuning: one lm-eval session for the whole grid (mergescale.tuning)
+"""Validation-split tuning: one lm-eval session for the whole grid (mergescale.evaluate.tuning)
 vs one evaluate() per candidate (how tuning worked before, kept here as the peer).
 
     python benchmarks/tuning_speed.py [--method ties] [--experts 2] [--examples 100]
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from mergescale.evaluate import EvalRequest, evaluate
+from mergescale.evaluate.harness import EvalRequest, evaluate
 from mergescale.merge import MergeRequest, run_merge
-from mergescale.stages import finetune, pretrain_base
+from mergescale.training.stages import finetune, pretrain_base
 from mergescale.tasks import make_splits, write_jsonl
 from mergescale.tasks.lmeval_yaml import write_task_yaml
-from mergescale.tuning import candidates, search_space, tune_merge
+from mergescale.evaluate.tuning import tune_merge
+from mergescale.merge.search_space import candidates, search_space
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "tuning"
 SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256}

@@ -6,7 +6,7 @@ import pytest
 
 import pandas as pd
 
-from mergescale.aggregate import normalized_scores, summary_latex, summary_markdown, tidy_scores
+from mergescale.report.aggregate import normalized_scores, summary_latex, summary_markdown, tidy_scores
 
 HELD_IN = ["first_letter", "max_digit"]
 HELD_OUT = ["second_letter", "min_digit"]

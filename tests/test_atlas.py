@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergescale.atlas import (
+from mergescale.rule_methods.atlas import (
     TaskVectorModel,
     answer_batch,
     learn_coefficients,
     line_search_coefficient,
     parameter_blocks,
 )
-from mergescale.models import TinyShape, new_llama
+from mergescale.models.llama import TinyShape, new_llama
 from mergescale.tasks import ALPHABET, make_splits
-from mergescale.tokenizer import build_char_tokenizer
-from mergescale.train import TrainConfig, train
+from mergescale.models.tokenizer import build_char_tokenizer
+from mergescale.training.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_atlas_plan_and_config_errors():
 
     import yaml
 
-    from mergescale.atlas_study import atlas_plan
+    from mergescale.rule_methods.atlas_plan import atlas_plan
     from mergescale.config import ConfigError, check_schema
 
     config = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())

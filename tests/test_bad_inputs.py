@@ -167,9 +167,9 @@ class EvilTokenizer(PreTrainedTokenizerFast):
 def make_evil_checkpoint(path: Path, model_type: str, tokenizer_class: str | None = None) -> Path:
     """A real tiny Llama whose config.json (and tokenizer_config.json) auto_map points at
     evil.py in the checkpoint, which writes `path.EXECUTED` if it is ever imported."""
-    from mergescale.models import TinyShape, new_llama, save_model
+    from mergescale.models.llama import TinyShape, new_llama, save_model
     from mergescale.tasks import ALPHABET
-    from mergescale.tokenizer import build_char_tokenizer
+    from mergescale.models.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer(ALPHABET)
     save_model(new_llama(TinyShape(32, 2, 4, 64), tokenizer, seed=0), tokenizer, path)
@@ -223,8 +223,8 @@ def test_remote_code_never_runs_when_merging(evil, tmp_path, capsys):
 
 
 def test_remote_code_never_runs_when_loading(evil):
-    from mergescale.models import load_model
-    from mergescale.remote_code import RemoteCodeRefused
+    from mergescale.models.llama import load_model
+    from mergescale.models.remote_code import RemoteCodeRefused
 
     model, _ = load_model(evil["llama"])  # transformers' own Llama class; auto_map ignored
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -239,8 +239,8 @@ def test_remote_code_never_runs_when_loading(evil):
 
 
 def test_remote_code_never_runs_when_evaluating(evil, tmp_path):
-    from mergescale.evaluate import EvalRequest, evaluate
-    from mergescale.remote_code import RemoteCodeRefused
+    from mergescale.evaluate.harness import EvalRequest, evaluate
+    from mergescale.models.remote_code import RemoteCodeRefused
     from mergescale.tasks import make_splits, write_jsonl, write_task_yaml
 
     rows = make_splits("last_letter", {"train": 1, "validation": 1, "test": 4})["test"]

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from mergescale.ensemble import OutputEnsemble
-from mergescale.models import TinyShape, new_llama
+from mergescale.evaluate.ensemble import OutputEnsemble
+from mergescale.models.llama import TinyShape, new_llama
 from mergescale.tasks import ALPHABET
-from mergescale.tokenizer import build_char_tokenizer
+from mergescale.models.tokenizer import build_char_tokenizer
 
 SHAPE = TinyShape(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 
@@ -55,9 +55,9 @@ def test_identical_members_equal_one_member():
 def test_lm_eval_scores_a_one_member_ensemble_like_its_member(tmp_path, monkeypatch):
     """Through the real harness: the ensemble spec of one expert scores every example
     exactly as that expert's checkpoint does."""
-    from mergescale.ensemble import write_ensemble_spec
-    from mergescale.evaluate import EvalRequest, evaluate
-    from mergescale.models import save_model
+    from mergescale.evaluate.ensemble import write_ensemble_spec
+    from mergescale.evaluate.harness import EvalRequest, evaluate
+    from mergescale.models.llama import save_model
     from mergescale.tasks import make_splits, write_jsonl, write_task_yaml
 
     monkeypatch.chdir(tmp_path)  # task YAMLs point at data relative to the working dir

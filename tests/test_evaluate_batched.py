@@ -4,9 +4,9 @@ scores that one evaluate() per model gives."""
 import pytest
 import torch
 
-from mergescale.evaluate import BatchEvaluator, Candidate, EvalRequest, evaluate
-from mergescale.merged_state import load_state
-from mergescale.stages import finetune, pretrain_base
+from mergescale.evaluate.harness import BatchEvaluator, Candidate, EvalRequest, evaluate
+from mergescale.merge.in_memory import load_state
+from mergescale.training.stages import finetune, pretrain_base
 from mergescale.tasks import make_splits, write_jsonl
 from mergescale.tasks.lmeval_yaml import write_task_yaml
 
@@ -70,8 +70,8 @@ def test_batch_job_writes_what_one_job_per_model_writes(models, tmp_path):
     model card included."""
     import json
 
-    from mergescale.batch_member import write_batch_member
-    from mergescale.evaluate import evaluate_and_save, evaluate_batch_and_save
+    from mergescale.evaluate.batch_member import write_batch_member
+    from mergescale.evaluate.harness import evaluate_and_save, evaluate_batch_and_save
 
     tasks = tuple((t, "test") for t in TASKS)
     template = EvalRequest(model_dir=models / "base", task_dir=models / "tasks", tasks=tasks)
@@ -93,7 +93,7 @@ def test_batch_job_writes_what_one_job_per_model_writes(models, tmp_path):
 
 
 def test_batch_job_refuses_what_it_cannot_score_alike(models, tmp_path):
-    from mergescale.evaluate import evaluate_batch_and_save
+    from mergescale.evaluate.harness import evaluate_batch_and_save
 
     tasks = (("first_letter", "test"),)
     chat = EvalRequest(model_dir=models / "base", task_dir=models / "tasks", tasks=tasks,
@@ -113,7 +113,7 @@ def test_tuning_scores_each_candidate_as_its_own_evaluation_would(models, tmp_pa
     """tune_merge scores every grid point in one lm-eval session; each candidate's
     validation scores equal evaluate() on that candidate's merged checkpoint."""
     from mergescale.merge import MergeRequest, run_merge
-    from mergescale.tuning import tune_merge
+    from mergescale.evaluate.tuning import tune_merge
 
     space = {"lambda": [0.2, 1.0]}
     record = tune_merge(method="task_arithmetic", base=models / "base", experts=[models / "expert"],

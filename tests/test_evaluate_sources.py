@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergescale.evaluate import BackendUnavailable, EvalRequest, evaluate, lm_eval_score, lm_model_args
+from mergescale.evaluate.harness import BackendUnavailable, EvalRequest, evaluate, lm_eval_score, lm_model_args
 from test_hub import tiny_checkpoint
 
 
@@ -102,7 +102,7 @@ def test_group_sample_counts_add_up():
 
 
 def test_training_split_of_an_lm_eval_task_becomes_prompt_answer_rows(tmp_path):
-    from mergescale.lmeval_data import export_training_split
+    from mergescale.tasks.lmeval_data import export_training_split
     from mergescale.tasks import read_jsonl
 
     tasks = tmp_path / "tasks"
@@ -155,7 +155,7 @@ def test_validation_rows_never_overlap_training_or_scored_rows(tmp_path):
     """A task with its own validation split (scored on test) validates on it; a task
     scored on its validation split validates on a held-back slice of its training split,
     which the training rows then leave out."""
-    from mergescale.lmeval_data import HOLDOUT_FRACTION, export_split
+    from mergescale.tasks.lmeval_data import HOLDOUT_FRACTION, export_split
     from mergescale.tasks import read_jsonl
 
     tasks = tmp_path / "tasks"
@@ -183,7 +183,7 @@ def test_validation_rows_render_as_an_lm_eval_task(tmp_path, monkeypatch):
     """The rows become a task YAML that lm-eval loads, with every row a document."""
     from lm_eval.tasks import TaskManager
 
-    from mergescale.lmeval_data import export_split
+    from mergescale.tasks.lmeval_data import export_split
     from mergescale.tasks.lmeval_yaml import lm_eval_task_name, write_rows_task_yaml
 
     tasks = tmp_path / "tasks"

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from mergescale.cli import main
-from mergescale.findings import Study, analyse, findings_markdown, method_variance
-from mergescale.inference import (
+from mergescale.report.findings import Study, analyse, findings_markdown, method_variance
+from mergescale.report.inference import (
     EQUIVALENT, INCONCLUSIVE, REFUTED, SUPPORTED, ClaimResult, Comparison, claim_verdict, decide,
     draw_weights, holm)
-from mergescale.plots import plot_base_quality, plot_merged_vs_multitask, plot_normalized_vs_k
+from mergescale.report.plots import plot_base_quality, plot_merged_vs_multitask, plot_normalized_vs_k
 from simulate_study import Truth, simulate_study
 
 CLEAR = Truth(quality_step=0.1, size_gain=0.1, held_out_gain=0.1, k_slope_gain=0.02, method_sd_small=0.08)

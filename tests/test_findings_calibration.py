@@ -10,8 +10,8 @@ least 80%. The measured rates are printed (pytest -s) and quoted in docs/finding
 import numpy as np
 import pytest
 
-from mergescale.findings import analyse
-from mergescale.inference import REFUTED, SUPPORTED
+from mergescale.report.findings import analyse
+from mergescale.report.inference import REFUTED, SUPPORTED
 from simulate_study import Truth, simulate_study
 
 WORLDS = 200

@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from mergescale.config import ConfigError, check_semantics, load_config
-from mergescale.grid import base_labels, instruct_tasks, llama_parameter_count, pretrain_tasks, root_base
+from mergescale.sources.grid import base_labels, instruct_tasks, llama_parameter_count, pretrain_tasks, root_base
 from mergescale.merge.errors import MergeInputError
-from mergescale.models import TinyShape, count_parameters, new_llama
+from mergescale.models.llama import TinyShape, count_parameters, new_llama
 from mergescale.tasks import ALPHABET, get_family
 from mergescale.tasks.families import families_with_role
-from mergescale.tokenizer import build_char_tokenizer, char_vocab_size
-from mergescale.tuning import candidates, search_space
+from mergescale.models.tokenizer import build_char_tokenizer, char_vocab_size
+from mergescale.merge.search_space import candidates, search_space
 from workflow_helpers import REPO, planned_jobs
 
 STUDY = REPO / "config" / "study.yaml"
@@ -264,7 +264,7 @@ def test_instruct_base_trains_through_the_workflow(tmp_path):
 
 
 def test_subsets_nest_across_k_and_are_distinct():
-    from mergescale.combos import expert_subsets, parse_combo
+    from mergescale.tasks.combos import expert_subsets, parse_combo
 
     held_in = [f"t{i}" for i in range(8)]
     combos = expert_subsets(held_in, [2, 4, 6, 8], 3, seed=0)

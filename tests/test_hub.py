@@ -11,10 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergescale.hub import SOURCE_CARD, ModelSourceError, fetch_model
-from mergescale.models import TinyShape, new_llama, save_model
+from mergescale.sources.hub import SOURCE_CARD, ModelSourceError, fetch_model
+from mergescale.models.llama import TinyShape, new_llama, save_model
 from mergescale.tasks import ALPHABET
-from mergescale.tokenizer import build_char_tokenizer
+from mergescale.models.tokenizer import build_char_tokenizer
 from workflow_helpers import REPO, snakemake
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -1,5 +1,5 @@
 """LoRA-LEGO: known answers and properties computed here, independently of
-src/mergescale/lora_lego.py, on real peft adapters of a tiny character-level Llama; bad
+src/mergescale/rule_methods/lora_lego.py, on real peft adapters of a tiny character-level Llama; bad
 inputs; and an end-to-end merge of two LoRA experts fine-tuned by the workflow's stage."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from merge_fixtures import load_state
-from mergescale.lora import ADAPTER_DIR, LoraSpec, add_lora, fold_lora
-from mergescale.lora_lego import Adapter, lora_lego, merge_lora_lego, read_adapter
+from mergescale.training.lora import ADAPTER_DIR, LoraSpec, add_lora, fold_lora
+from mergescale.rule_methods.lora_lego import Adapter, lora_lego, merge_lora_lego, read_adapter
 from mergescale.merge.errors import MergeInputError
-from mergescale.models import TinyShape, load_model, new_llama, save_model
-from mergescale.rule_methods import resolve_params
+from mergescale.models.llama import TinyShape, load_model, new_llama, save_model
+from mergescale.rule_methods.registry import resolve_params
 from mergescale.tasks import ALPHABET
-from mergescale.tokenizer import build_char_tokenizer
+from mergescale.models.tokenizer import build_char_tokenizer
 
 SHAPE = TinyShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
@@ -199,8 +199,8 @@ def test_params_are_checked_with_the_key():
 def test_two_fine_tuned_lora_experts_merge_and_evaluate(tmp_path, monkeypatch):
     """End to end: a tiny pretrained base, two LoRA experts of stages.finetune (real
     training), LoRA-LEGO of their adapters, lm-eval on the merged checkpoint."""
-    from mergescale.evaluate import EvalRequest, evaluate
-    from mergescale.stages import finetune, pretrain_base
+    from mergescale.evaluate.harness import EvalRequest, evaluate
+    from mergescale.training.stages import finetune, pretrain_base
     from mergescale.tasks import make_splits, write_jsonl, write_task_yaml
 
     monkeypatch.chdir(tmp_path)  # task YAMLs point at data relative to the working dir
@@ -252,8 +252,8 @@ def _with_lora_variant(config, **extra):
 
 def test_variant_base_labels_finetune_settings_and_checks():
     from mergescale.config import check_schema, check_semantics
-    from mergescale.grid import base_labels, finetune_settings, root_base
-    from mergescale.lora_lego import check_lora_bases
+    from mergescale.sources.grid import base_labels, finetune_settings, root_base
+    from mergescale.rule_methods.lora_lego import check_lora_bases
 
     config, base = _with_lora_variant(_smoke_config())
     check_schema(config)
@@ -297,7 +297,7 @@ def test_bad_variant_or_method_bases_name_the_key(edit, message):
 
 def test_lora_lego_on_a_base_of_full_experts_is_a_config_error():
     from mergescale.config import ConfigError
-    from mergescale.lora_lego import check_lora_bases
+    from mergescale.rule_methods.lora_lego import check_lora_bases
 
     config, base = _with_lora_variant(_smoke_config())
     config["merge"]["methods"]["lego"]["bases"] = [base, "v"]

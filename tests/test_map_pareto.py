@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from merge_fixtures import load_state, save_tiny_llama
-from mergescale.map_pareto import (
+from mergescale.rule_methods.map_pareto import (
     MAPFit,
     fit_quadratic,
     latin_hypercube,
@@ -20,7 +20,7 @@ from mergescale.map_pareto import (
     task_arithmetic_state,
 )
 from mergescale.merge.checkpoint import Checkpoint
-from mergescale.opcm import load_base
+from mergescale.rule_methods.opcm import load_base
 
 
 def _known_quadratic(c):
@@ -109,7 +109,7 @@ def test_task_arithmetic_state_is_the_weighted_sum(tmp_path):
 def _front_table(k, seed=0):
     import pandas as pd
 
-    from mergescale.map_pareto import long_rows
+    from mergescale.rule_methods.map_pareto import long_rows
 
     rng = np.random.default_rng(seed)
     tasks = [f"t{i}" for i in range(k)]
@@ -128,8 +128,8 @@ def _front_table(k, seed=0):
 def test_front_summary_and_figure(tmp_path):
     import pandas as pd
 
-    from mergescale.map_pareto import front_summary
-    from mergescale.plots import plot_map_front
+    from mergescale.rule_methods.map_pareto import front_summary
+    from mergescale.report.plots import plot_map_front
 
     front = pd.concat([_front_table(2), _front_table(3, seed=1)], ignore_index=True)
     summary = front_summary(front).set_index("combo")

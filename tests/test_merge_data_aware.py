@@ -18,10 +18,10 @@ from mergescale.merge import MergeInputError, MergeRequest, get_method, run_merg
 from mergescale.merge.data_aware import exact_match, merge_with_data
 from mergescale.merge.methods.adamerging import learn_coefficients, mean_entropy
 from mergescale.merge.methods.greedy_soup import greedy_order
-from mergescale.models import load_model
-from mergescale.stats import (FISHER_FILE, GRAM_FILE, STATS_CARD, TOKENS_KEY, GramCollector, compute_and_save,
+from mergescale.models.llama import load_model
+from mergescale.merge.statistics import (FISHER_FILE, GRAM_FILE, STATS_CARD, TOKENS_KEY, GramCollector, compute_and_save,
                               compute_statistics)
-from mergescale.stages import finetune, pretrain_base
+from mergescale.training.stages import finetune, pretrain_base
 from mergescale.tasks import make_splits, write_jsonl
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -238,7 +238,7 @@ def test_regmean_plus_plus_equals_regmean_for_identical_experts(trained, tmp_pat
     # Merging copies of one expert: the merged model is that expert at every layer, so the
     # Gram matrices taken through it are the expert's own ones (the statistics pass).
     from mergescale.merge.data_aware import FitContext
-    from mergescale.stats import compute_statistics as stats_of
+    from mergescale.merge.statistics import compute_statistics as stats_of
     from safetensors.torch import load_file
 
     expert, data = trained["experts"][0], trained["data"][0]

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mergescale.combos import expert_subsets
+from mergescale.tasks.combos import expert_subsets
 from workflow_helpers import REPO, SMOKE_CONFIG
 
 
@@ -172,7 +172,7 @@ def test_rule_method_output_is_atomic_and_carries_the_card(tmp_path):
     ("{not json", r"not valid JSON"),
 ])
 def test_bad_model_spec_names_the_file(tmp_path, spec, message):
-    from mergescale.spec_models import load_spec_model
+    from mergescale.evaluate.spec_models import load_spec_model
 
     (tmp_path / "model_spec.json").write_text(spec)
     with pytest.raises(ValueError, match=rf"model_spec.json: .*{message}"):

@@ -1,5 +1,5 @@
 """OPCM and the sequential baselines: known answers and properties, computed here
-independently of src/mergescale/opcm.py."""
+independently of src/mergescale/rule_methods/opcm.py."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 
 from merge_fixtures import load_state, save_tiny_llama
 from mergescale.merge.checkpoint import Checkpoint
-from mergescale.opcm import (
+from mergescale.rule_methods.opcm import (
     OPCM,
     SequentialAverage,
     SequentialTaskArithmetic,
@@ -158,8 +158,8 @@ def test_arrival_orders_are_seeded_distinct_and_start_with_the_given_order():
 def test_continual_curves_are_normalised_by_each_tasks_expert(tmp_path):
     import pandas as pd
 
-    from mergescale.opcm import continual_normalized
-    from mergescale.plots import plot_continual
+    from mergescale.rule_methods.opcm import continual_normalized
+    from mergescale.report.plots import plot_continual
 
     rows = []
     for method, scores in (("opcm", [0.8, 0.6, 0.3]), ("average", [0.8, 0.4, 0.2])):

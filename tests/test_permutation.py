@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergescale.barrier import BarrierPair, barrier_curves, barrier_heights, interpolate
-from mergescale.cross_seed import merge_cross_seed, text_batches
-from mergescale.models import TinyShape, load_model, new_llama, save_model
-from mergescale.permutation import (
+from mergescale.studies.cross_seed.barrier import BarrierPair, barrier_curves, barrier_heights, interpolate
+from mergescale.studies.cross_seed.merge import merge_cross_seed, text_batches
+from mergescale.models.llama import TinyShape, load_model, new_llama, save_model
+from mergescale.studies.cross_seed.permutation import (
     PermutationSpecError,
     apply_permutation,
     identity_perms,
@@ -22,10 +22,10 @@ from mergescale.permutation import (
     random_perms,
     weight_matching,
 )
-from mergescale.pleas import least_squares_merge
+from mergescale.studies.cross_seed.pleas import least_squares_merge
 from mergescale.tasks import ALPHABET, make_splits
-from mergescale.tokenizer import build_char_tokenizer
-from mergescale.train import TrainConfig, train
+from mergescale.models.tokenizer import build_char_tokenizer
+from mergescale.training.loop import TrainConfig, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -261,8 +261,8 @@ def _config():
 
 
 def test_cross_seed_plan_from_the_default_config():
-    from mergescale.combos import expert_subsets
-    from mergescale.cross_seed_study import cross_seed_plan
+    from mergescale.tasks.combos import expert_subsets
+    from mergescale.studies.cross_seed.plan import cross_seed_plan
 
     config = _config()
     combos = expert_subsets(config["tasks"]["held_in"], config["merge"]["ks"],
@@ -287,7 +287,7 @@ def test_cross_seed_plan_from_the_default_config():
 ])
 def test_cross_seed_config_errors_name_the_key(edit, message):
     from mergescale.config import ConfigError
-    from mergescale.cross_seed_study import cross_seed_plan
+    from mergescale.studies.cross_seed.plan import cross_seed_plan
 
     config = _config()
     edit(config)

@@ -10,13 +10,13 @@ from PIL import Image
 from scipy import stats as sps
 
 from mergescale.cli import main
-from mergescale.findings import PAPER_METHODS, TITLES
-from mergescale.plots import (
+from mergescale.report.findings import PAPER_METHODS, TITLES
+from mergescale.report.plots import (
     METHOD_COLOURS, plot_base_quality, plot_merged_vs_multitask, plot_normalized_vs_k,
     plot_other_methods)
-from mergescale.replicates import interval_note, over_replicates
-from mergescale.results_page import render_results_page
-from mergescale.run_record import RunRecordError, record_step
+from mergescale.report.replicates import interval_note, over_replicates
+from mergescale.report.results_page import render_results_page
+from mergescale.report.run_record import RunRecordError, record_step
 from simulate_study import OTHER_METHODS, Truth, simulate_normalized
 
 CLEAR = Truth(quality_step=0.1, size_gain=0.1, held_out_gain=0.1, k_slope_gain=0.02, method_sd_small=0.08)
@@ -185,7 +185,7 @@ def test_figures_clip_nothing(sizes, monkeypatch, tmp_path):
     a legend over the x label and cut at the left)."""
     import matplotlib.text
 
-    import mergescale.plots as plots
+    import mergescale.report.plots as plots
 
     checked = []
 

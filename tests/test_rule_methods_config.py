@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from mergescale.config import ConfigError, check_schema, check_semantics
-from mergescale.rule_methods import resolve_params
+from mergescale.rule_methods.registry import resolve_params
 
 DEFAULT = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
 

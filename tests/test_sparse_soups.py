@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from mergescale.aggregate import describe_model, tidy_scores
+from mergescale.report.aggregate import describe_model, tidy_scores
 from mergescale.config import ConfigError
-from mergescale.evaluate import EvalRequest, evaluate
-from mergescale.models import TinyShape, load_model, new_llama, save_model
-from mergescale.sparse_soups import (
+from mergescale.evaluate.harness import EvalRequest, evaluate
+from mergescale.models.llama import TinyShape, load_model, new_llama, save_model
+from mergescale.studies.sparse_soups.cycle import (
     MaskKeeper,
     apply_masks,
     copy_scorer,
@@ -23,13 +23,13 @@ from mergescale.sparse_soups import (
     sparsity_of,
     uniform_soup,
 )
-from mergescale.sparse_soups_report import sparse_soups_table, table_markdown
-from mergescale.sparse_soups_study import sparse_soups_plan
-from mergescale.stages import finetune, pretrain_base
+from mergescale.studies.sparse_soups.report import sparse_soups_table, table_markdown
+from mergescale.studies.sparse_soups.plan import sparse_soups_plan
+from mergescale.training.stages import finetune, pretrain_base
 from mergescale.tasks import ALPHABET, make_splits, read_jsonl, write_jsonl
 from mergescale.tasks.lmeval_yaml import write_task_yaml
-from mergescale.tokenizer import build_char_tokenizer
-from mergescale.train import TrainConfig, train
+from mergescale.models.tokenizer import build_char_tokenizer
+from mergescale.training.loop import TrainConfig, train
 from workflow_helpers import REPO, planned_jobs
 
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergescale.task_vector_stats import stats_markdown, task_vector_stats
+from mergescale.merge.task_vectors import stats_markdown, task_vector_stats
 
 
 def _write(path, tensors):

@@ -7,7 +7,7 @@ import yaml
 from mergescale.tasks import FAMILIES, get_family, make_splits, read_jsonl, write_jsonl
 from mergescale.tasks.splits import example_key
 from mergescale.tasks.lmeval_yaml import lm_eval_task_name, write_task_yaml
-from mergescale.tokenizer import build_char_tokenizer
+from mergescale.models.tokenizer import build_char_tokenizer
 from mergescale.tasks import ALPHABET
 from mergescale.tasks.families import PRETRAIN_SUFFIX, ROLES, TEXT, families_with_role
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from mergescale.models import TinyShape, count_parameters, load_model, new_llama
-from mergescale.stages import finetune, pretrain_base
+from mergescale.models.llama import TinyShape, count_parameters, load_model, new_llama
+from mergescale.training.stages import finetune, pretrain_base
 from mergescale.tasks import ALPHABET, make_splits, write_jsonl
-from mergescale.tokenizer import build_char_tokenizer
-from mergescale.train import IGNORE_INDEX, TrainConfig, collate, encode, lr_at
+from mergescale.models.tokenizer import build_char_tokenizer
+from mergescale.training.loop import IGNORE_INDEX, TrainConfig, collate, encode, lr_at
 
 TOK = build_char_tokenizer(ALPHABET)
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
@@ -63,7 +63,7 @@ def test_pretrain_then_finetune_learns_and_is_deterministic(tmp_path):
 def test_training_cards_list_their_families_and_keep_benchmarks_out(tmp_path):
     """Pretraining and instruction tuning read only their own families: the cards say
     which, and none is a held-in or held-out (benchmark) family."""
-    from mergescale.grid import instruct_tasks, pretrain_tasks
+    from mergescale.sources.grid import instruct_tasks, pretrain_tasks
     from mergescale.tasks.families import families_with_role
 
     def files(tasks):

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from merge_fixtures import load_state
-from mergescale.models import TinyShape, new_llama, save_model
+from mergescale.models.llama import TinyShape, new_llama, save_model
 from mergescale.tasks import get_family
-from mergescale.tokenizer import build_char_tokenizer
-from mergescale.twin_merging import (
+from mergescale.models.tokenizer import build_char_tokenizer
+from mergescale.rule_methods.twin_merging import (
     ROUTER_FILE, SHARED_DIR, TwinParams, build_twin, check_params, compress, load_parts,
     load_twin, materialize, reconstruct,
 )
@@ -29,7 +29,7 @@ SHAPE = TinyShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, in
 
 def _save_expert(base_dir: Path, out: Path, seed: int) -> Path:
     """The base plus a rank-3 change of every matrix and noise on every vector."""
-    from mergescale.models import load_model
+    from mergescale.models.llama import load_model
 
     model, tok = load_model(base_dir)
     g = torch.Generator().manual_seed(seed)
@@ -182,7 +182,7 @@ def test_registered_lm_eval_class_generates_like_the_expert(models, full_rank, t
     """Through lm-eval's own batching: a router fixed on expert 1 at full rank is expert 1."""
     from lm_eval.models.huggingface import HFLM
 
-    from mergescale.spec_models import load_spec_model
+    from mergescale.evaluate.spec_models import load_spec_model
 
     _, _, experts, _ = models
     out, _ = full_rank

@@ -152,7 +152,7 @@ def test_report_regenerates_from_existing_scores(run_dir):
 def test_results_page_of_the_run(run_dir, tmp_path):
     """`make report`'s last command on a real run: the results page and its figures."""
     from mergescale.cli import main
-    from mergescale.findings import TITLES
+    from mergescale.report.findings import TITLES
 
     out = tmp_path / "docs" / "results.md"
     assert main(["results", str(run_dir / "results"), "-o", str(out), "--bootstrap", "200"]) == 0

@@ -57,7 +57,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_findings(args: argparse.Namespace) -> int:
-    from mergescale.findings import write_findings
+    from mergescale.report.findings import write_findings
 
     text, records = write_findings(args.normalized_csv, args.output, n_bootstrap=args.bootstrap,
                                    seed=args.seed)
@@ -70,7 +70,7 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from mergescale.results_page import render_results_page
+    from mergescale.report.results_page import render_results_page
 
     render_results_page(args.results_dir, args.output, args.figures, args.methods,
                         n_bootstrap=args.bootstrap, seed=args.seed)
@@ -79,7 +79,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_record_run(args: argparse.Namespace) -> int:
-    from mergescale.run_record import record_step
+    from mergescale.report.run_record import record_step
 
     record = record_step(args.record, args.step, args.start, args.end, args.config, args.results,
                          new=args.new)
@@ -149,10 +149,10 @@ def _add_bootstrap_arguments(parser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    from mergescale.findings import FindingsInputError
+    from mergescale.report.findings import FindingsInputError
     from mergescale.io_utils import OutputWriteError
     from mergescale.merge import MergeInputError
-    from mergescale.run_record import RunRecordError
+    from mergescale.report.run_record import RunRecordError
 
     try:
         return args.func(args)

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from mergescale.errors import ConfigError
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def check_schema(config: dict, schema_path: Path = SCHEMA_PATH) -> None:
@@ -32,7 +30,7 @@ def check_schema(config: dict, schema_path: Path = SCHEMA_PATH) -> None:
 def check_semantics(config: dict) -> None:
     from mergescale.merge import get_method, validate_params
     from mergescale.merge.errors import MergeInputError
-    from mergescale.sources import SourceConfigError, check_sources, lm_eval_specs
+    from mergescale.sources.declared import SourceConfigError, check_sources, lm_eval_specs
     from mergescale.tasks import get_family
     from mergescale.tasks.families import families_with_role
 
@@ -67,7 +65,7 @@ def check_semantics(config: dict) -> None:
         _check_ks_subset(config, spec.get("ks", []), f"{where}.ks")
         _check_method_bases(config, spec.get("bases", []), f"{where}.bases")
         if "rule" in spec:  # a method that is a workflow rule of its own
-            from mergescale.rule_methods import check_rule_exists, resolve_params
+            from mergescale.rule_methods.registry import check_rule_exists, resolve_params
 
             try:
                 check_rule_exists(spec["rule"])
@@ -82,7 +80,7 @@ def check_semantics(config: dict) -> None:
             method = get_method(spec["method"])
             validate_params(method, spec.get("params"))
             if spec.get("tune"):
-                from mergescale.tuning import search_space
+                from mergescale.merge.search_space import search_space
 
                 search_space(spec["method"], spec["tune"], spec.get("params"))
         except (KeyError, MergeInputError) as err:
@@ -94,7 +92,7 @@ def check_semantics(config: dict) -> None:
 
 
 def _check_bases(bases: dict) -> None:
-    from mergescale.grid import root_base
+    from mergescale.sources.grid import root_base
 
     required = {"pretrain": ("shape", "pretrain"), "instruct": ("from", "train"), "variant": ("from",)}
     for base, spec in bases.items():

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mergescale.grid import llama_parameter_count, root_base
+from mergescale.sources.grid import llama_parameter_count, root_base
 from mergescale.tasks import ALPHABET
-from mergescale.tokenizer import char_vocab_size
+from mergescale.models.tokenizer import char_vocab_size
 
 MB = 2**20
 OVERHEAD_MB = 2000  # Python with torch, transformers and lm-eval imported: the tiny tier's footprint

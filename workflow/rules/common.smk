@@ -1,4 +1,5 @@
 # Config validation, wildcard constraints, target lists and input functions.
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -7,13 +8,13 @@ from snakemake.utils import validate
 # The package lives in src/; a source checkout works without installing it.
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
-from mergescale.combos import ALL_HELD_IN, expert_subsets, parse_combo
+from mergescale.tasks.combos import ALL_HELD_IN, expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
-from mergescale.evaluate import check_backend
-from mergescale.grid import base_labels, finetune_settings, instruct_tasks, pretrain_tasks
-from mergescale.atlas_study import atlas_plan
-from mergescale.cross_seed_study import cross_seed_plan
-from mergescale.sparse_soups_study import sparse_soups_plan
+from mergescale.evaluate.harness import check_backend
+from mergescale.sources.grid import base_labels, finetune_settings, instruct_tasks, pretrain_tasks
+from mergescale.rule_methods.atlas_plan import atlas_plan
+from mergescale.studies.cross_seed.plan import cross_seed_plan
+from mergescale.studies.sparse_soups.plan import sparse_soups_plan
 from mergescale.merge import get_method
 from mergescale.resources import (
     WORK as RESOURCE_WORK,
@@ -26,7 +27,7 @@ from mergescale.resources import (
     model_size,
     runtime_min,
 )
-from mergescale.sources import (
+from mergescale.sources.declared import (
     bases_with_fetched_experts,
     fetched_bases,
     has_multitask,
@@ -39,6 +40,12 @@ from mergescale.sources import (
 check_schema(config)  # one line naming the key, before Snakemake's verbose report
 validate(config, "../schemas/config.schema.yaml")  # (also fills in defaults)
 check_semantics(config)
+
+
+def package_source(module):
+    """The source file of a package module, as a job input: editing it re-runs the job.
+    Found without importing the module (no torch while the DAG is built)."""
+    return importlib.util.find_spec(module).origin
 
 
 def one_of(names):
@@ -71,7 +78,7 @@ EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
 # Data for the statistics of data-aware methods (and their fits): split and examples.
 STATS = {"split": "validation", "examples": 64, **config["merge"].get("stats", {})}
-# Model and task sources (hub/local models, public lm-eval tasks): see mergescale.sources.
+# Model and task sources (hub/local models, public lm-eval tasks): see mergescale.sources.declared.
 LM_EVAL_TASKS = lm_eval_specs(config)
 PROCEDURAL_TASKS = procedural_tasks(config)
 FETCHED_BASES = fetched_bases(config)

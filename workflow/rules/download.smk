@@ -1,6 +1,6 @@
 # Bases and experts fetched instead of trained: a hub repository at a pinned revision or a
-# local directory (mergescale.hub), and training splits of public lm-eval tasks
-# and validation rows (mergescale.lmeval_data). Local rules: downloads need the network, not a GPU.
+# local directory (mergescale.sources.hub), and training splits of public lm-eval tasks
+# and validation rows (mergescale.tasks.lmeval_data). Local rules: downloads need the network, not a GPU.
 
 
 rule download_base:
@@ -44,7 +44,7 @@ rule export_lm_eval_train:
 
 
 # Validation rows (statistics, fits, tuning): the lm-eval task's own validation split where
-# it is not scored on, else a held-back slice of its training split (mergescale.lmeval_data).
+# it is not scored on, else a held-back slice of its training split (mergescale.tasks.lmeval_data).
 rule export_lm_eval_validation:
     output:
         "results/data/{task}/validation.jsonl",

@@ -84,11 +84,11 @@ rule unbatch_scores:
     # a shell command: a Python rule (run:) would parse the whole workflow again per model
     shell:
         "PYTHONPATH={params.src}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.python} -m mergescale.batch_member {input} {params.model_dir} {output}"
+        "{params.python} -m mergescale.evaluate.batch_member {input} {params.model_dir} {output}"
 
 
 # The output-ensemble reference: a model spec naming the subset's experts, evaluated by
-# mergescale.ensemble's lm-eval class (no weights are written).
+# mergescale.evaluate.ensemble's lm-eval class (no weights are written).
 rule ensemble:
     input:
         experts=get_expert_dirs,

@@ -1,7 +1,7 @@
 from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 from pathlib import Path
 
-from mergescale.aggregate import normalized_scores, summary_latex, summary_markdown, tidy_scores
+from mergescale.report.aggregate import normalized_scores, summary_latex, summary_markdown, tidy_scores
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to
 

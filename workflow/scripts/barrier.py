@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergescale.barrier import BarrierPair, barrier_curves, barrier_heights, lm_eval_scorer
-from mergescale.cross_seed_study import DEFAULT_ALPHAS
+from mergescale.studies.cross_seed.barrier import BarrierPair, barrier_curves, barrier_heights, lm_eval_scorer
+from mergescale.studies.cross_seed.plan import DEFAULT_ALPHAS
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to, set_threads
 from mergescale.tasks import read_jsonl

@@ -1,7 +1,7 @@
 from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 from pathlib import Path
 
-from mergescale.hub import fetch_model
+from mergescale.sources.hub import fetch_model
 from mergescale.job import log_to
 
 with log_to(snakemake.log[0]) as log:

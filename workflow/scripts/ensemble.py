@@ -1,7 +1,7 @@
 from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 from pathlib import Path
 
-from mergescale.ensemble import write_ensemble_spec
+from mergescale.evaluate.ensemble import write_ensemble_spec
 from mergescale.job import log_to
 
 with log_to(snakemake.log[0]) as log:

@@ -1,5 +1,5 @@
 from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
-from mergescale.findings import write_findings
+from mergescale.report.findings import write_findings
 from mergescale.job import log_to
 
 with log_to(snakemake.log[0]) as log:

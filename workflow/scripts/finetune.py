@@ -2,7 +2,7 @@ from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run b
 from pathlib import Path
 
 from mergescale.job import log_to, set_threads
-from mergescale.stages import finetune
+from mergescale.training.stages import finetune
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

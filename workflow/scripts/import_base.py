@@ -1,7 +1,7 @@
 from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 from pathlib import Path
 
-from mergescale.import_gguf import import_gguf_base
+from mergescale.sources.gguf import import_gguf_base
 from mergescale.job import log_to, set_threads
 
 with log_to(snakemake.log[0]) as log:

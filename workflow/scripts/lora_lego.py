@@ -1,7 +1,7 @@
 from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 from mergescale.job import log_to, set_threads
-from mergescale.lora_lego import merge_lora_lego
-from mergescale.rule_methods import resolve_params
+from mergescale.rule_methods.lora_lego import merge_lora_lego
+from mergescale.rule_methods.registry import resolve_params
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

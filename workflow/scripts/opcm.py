@@ -2,8 +2,8 @@ from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run b
 from pathlib import Path
 
 from mergescale.job import log_to, set_threads
-from mergescale.opcm import run_opcm_job
-from mergescale.rule_methods import resolve_params
+from mergescale.rule_methods.opcm import run_opcm_job
+from mergescale.rule_methods.registry import resolve_params
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 
 from mergescale.job import log_to
-from mergescale.plots import (
+from mergescale.report.plots import (
     plot_base_quality, plot_merged_vs_multitask, plot_normalized_vs_k, plot_other_methods)
 
 with log_to(snakemake.log[0]) as log:

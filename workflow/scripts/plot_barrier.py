@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 
 from mergescale.job import log_to
-from mergescale.plots import plot_barrier
+from mergescale.report.plots import plot_barrier
 
 with log_to(snakemake.log[0]) as log:
     plot_barrier(pd.read_csv(snakemake.input.curves), Path(snakemake.output[0]))

@@ -6,8 +6,8 @@ import pandas as pd
 
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to
-from mergescale.opcm import continual_normalized
-from mergescale.plots import plot_continual
+from mergescale.rule_methods.opcm import continual_normalized
+from mergescale.report.plots import plot_continual
 
 with log_to(snakemake.log[0]) as log:
     curves = pd.concat([pd.read_csv(f) for f in snakemake.input.curves], ignore_index=True)

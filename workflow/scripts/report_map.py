@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from mergescale.aggregate import markdown_table
+from mergescale.report.aggregate import markdown_table
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to
-from mergescale.map_pareto import front_summary
-from mergescale.plots import plot_map_front
+from mergescale.rule_methods.map_pareto import front_summary
+from mergescale.report.plots import plot_map_front
 
 with log_to(snakemake.log[0]) as log:
     front = pd.concat([pd.read_csv(f) for f in snakemake.input.fronts], ignore_index=True)

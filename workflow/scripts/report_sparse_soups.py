@@ -6,7 +6,7 @@ import pandas as pd
 
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to
-from mergescale.sparse_soups_report import plot_sparse_soups, sparse_soups_table, table_markdown
+from mergescale.studies.sparse_soups.report import plot_sparse_soups, sparse_soups_table, table_markdown
 
 with log_to(snakemake.log[0]) as log:
     cards = [(base, json.loads(Path(path).read_text()))

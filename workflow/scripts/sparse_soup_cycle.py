@@ -2,7 +2,7 @@ from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run b
 from pathlib import Path
 
 from mergescale.job import log_to, set_threads
-from mergescale.sparse_soups import copy_scorer, run_cycle
+from mergescale.studies.sparse_soups.cycle import copy_scorer, run_cycle
 from mergescale.tasks import read_jsonl
 
 with log_to(snakemake.log[0]) as log:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from mergescale.io_utils import atomic_write_json
 from mergescale.job import log_to, set_threads
-from mergescale.task_vector_stats import task_vector_stats
+from mergescale.merge.task_vectors import task_vector_stats
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to
-from mergescale.task_vector_stats import stats_markdown
+from mergescale.merge.task_vectors import stats_markdown
 
 with log_to(snakemake.log[0]) as log:
     stats = {Path(p).stem: json.loads(Path(p).read_text()) for p in snakemake.input}

@@ -2,7 +2,8 @@ from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run b
 from pathlib import Path
 
 from mergescale.job import log_to, set_threads
-from mergescale.tuning import search_space, tune_merge
+from mergescale.evaluate.tuning import tune_merge
+from mergescale.merge.search_space import search_space
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to
-from mergescale.tuning import tuning_table
+from mergescale.evaluate.tuning import tuning_table
 
 with log_to(snakemake.log[0]) as log:
     # results/tuning/{base}/{method}/{combo}.json

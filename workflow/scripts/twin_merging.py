@@ -2,8 +2,8 @@ from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run b
 from pathlib import Path
 
 from mergescale.job import log_to, set_threads
-from mergescale.rule_methods import resolve_params
-from mergescale.twin_merging import TwinParams, build_twin
+from mergescale.rule_methods.registry import resolve_params
+from mergescale.rule_methods.twin_merging import TwinParams, build_twin
 
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

@@ -1,7 +1,7 @@
 from mergescale.worker import delegate; delegate(snakemake)  # noqa: E702  run by the worker: docs/performance.md
 from pathlib import Path
 
-from mergescale.cross_seed import merge_cross_seed
+from mergescale.studies.cross_seed.merge import merge_cross_seed
 from mergescale.job import log_to, set_threads
 from mergescale.tasks import read_jsonl
 

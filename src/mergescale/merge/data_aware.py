@@ -75,7 +75,7 @@ def merge_with_data(req: MergeRequest, data: list[Path] | None = None, log=print
     resolved = validate_params(method, req.params, req.expert_params, n_experts=len(req.experts))
     if method.needs_base and req.base is None:
         raise MergeInputError(f"{method.name} needs a base model (base_model)")
-    from mergescale.stats import default_device
+    from mergescale.merge.statistics import default_device
 
     device = torch.device(fit_device or default_device())
     req.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def merge_with_data(req: MergeRequest, data: list[Path] | None = None, log=print
 
 def load_models(paths: list[Path], device: torch.device) -> list[torch.nn.Module]:
     """Experts as float32 transformers models in eval mode, gradients off."""
-    from mergescale.models import load_model
+    from mergescale.models.llama import load_model
 
     models = []
     for p in paths:
@@ -127,7 +127,7 @@ def float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def prompt_batches(tokenizer, prompts: list[str], batch_size: int, device) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of prompts; `last` indexes each prompt's final token."""
-    from mergescale.train import collate
+    from mergescale.training.loop import collate
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     batches = []
@@ -141,7 +141,7 @@ def prompt_batches(tokenizer, prompts: list[str], batch_size: int, device) -> li
 
 def text_batches(tokenizer, rows: list[dict], batch_size: int, device) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of prompt + answer, encoded as in fine-tuning."""
-    from mergescale.train import collate, encode
+    from mergescale.training.loop import collate, encode
 
     enc = encode(tokenizer, rows, loss_on="answer")
     out = []

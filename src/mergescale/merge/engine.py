@@ -7,7 +7,7 @@ shard being written, so memory holds a few tensors per expert, never whole model
     validate inputs (headers, configs, names, shapes, dtypes)   -- nothing written yet
     for each tensor name (reference storage order):
         read base + experts (a reader thread fetches the next tensor meanwhile)
-        (data-aware methods: + each expert's statistics of this tensor, mergescale.stats)
+        (data-aware methods: + each expert's statistics of this tensor, mergescale.merge.statistics)
         check finite -> to device, float32 -> method(...) -> output dtype -> shard file
     copy config/tokenizer files, write merge_card.json + README.md
     os.replace(temporary sibling directory, out_dir)     -- mergescale.io_utils.atomic_directory
@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from mergescale.io_utils import OutputWriteError, atomic_directory, reporting_write_errors
-from mergescale.merge import card as card_module
+import mergescale.merge.card as card_module
 from mergescale.merge.checkpoint import Checkpoint
 from mergescale.merge.errors import MergeInputError
 from mergescale.merge.layout import MergeLayout, TensorJob
@@ -293,7 +293,7 @@ def run_merge(req: MergeRequest) -> MergeResult:
         params.update(req.fitted or {})
         stats_reader = None
         if method.stats:
-            from mergescale.stats import StatsReader  # data-free merges never import it
+            from mergescale.merge.statistics import StatsReader  # data-free merges never import it
 
             stats_reader = StatsReader(method.stats, req.stats)
         if req.threads:

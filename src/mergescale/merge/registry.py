@@ -162,7 +162,7 @@ class MergeMethod:
     # extra entries for `params`, e.g. the layer count that layer_swap needs.
     setup: Callable[[list[str], dict | None], dict[str, Any]] | None = None
     # Data-aware methods. `stats`: per-expert statistics the per-tensor function receives
-    # as `stats=` ("fisher", "gram"; see mergescale.stats). `fit`: a pass over validation
+    # as `stats=` ("fisher", "gram"; see mergescale.merge.statistics). `fit`: a pass over validation
     # data before streaming (mergescale.merge.data_aware); it returns learned values for
     # `params` and may provide the statistics itself. Statistics of a method without a
     # fit come from the workflow's compute_stats rule.

@@ -66,7 +66,7 @@ def write_rows_task_yaml(task: str, split: str, data_file: str | Path, out: Path
     """A task YAML over prompt/answer rows of any source: exact match of the greedy
     answer, with a generation budget sized to the longest answer (characters bound
     tokens), stopping at a newline, or at two blank lines where some answer spans lines."""
-    from mergescale.tasks import read_jsonl
+    from mergescale.tasks.splits import read_jsonl
 
     answers = [row["answer"] for row in read_jsonl(Path(data_file))]
     longest = max((len(a) for a in answers), default=MAX_ANSWER_CHARS)

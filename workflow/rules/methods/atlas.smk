@@ -4,7 +4,7 @@
 
 if ATLAS:
 
-    import mergescale.atlas_study
+    import mergescale.rule_methods.atlas_plan
 
     ATLAS_CFG = config["atlas"]
 
@@ -14,7 +14,7 @@ if ATLAS:
             experts=lambda wc: [f"results/experts/{wc.base}/{t}" for t in COMBOS[wc.combo]],
             data=lambda wc: [f"results/data/{t}/validation.jsonl" for t in COMBOS[wc.combo]],
             # editing the implementation re-runs these merges
-            source=str(Path(mergescale.atlas_study.__file__).with_name("atlas.py")),
+            source=package_source("mergescale.rule_methods.atlas"),
         output:
             merge_output("results/merged/{base}/{amethod}/{combo}"),
         log:
@@ -22,7 +22,7 @@ if ATLAS:
         benchmark:
             "results/benchmarks/merge_atlas/{base}/{amethod}/{combo}.tsv"
         wildcard_constraints:
-            amethod="|".join(mergescale.atlas_study.ATLAS_METHODS),
+            amethod="|".join(mergescale.rule_methods.atlas_plan.ATLAS_METHODS),
         params:
             settings={k: v for k, v in ATLAS_CFG.items() if k not in ("bases", "ks", "methods")},
             dtype=config["merge"]["dtype"],

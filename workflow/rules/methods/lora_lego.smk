@@ -1,10 +1,10 @@
-# LoRA-LEGO (src/mergescale/lora_lego.py): the rank-one units of the experts' LoRA
+# LoRA-LEGO (src/mergescale/rule_methods/lora_lego.py): the rank-one units of the experts' LoRA
 # adapters (results/experts/{base}/{task}/adapter/) clustered into the target rank,
 # averaged, rescaled and applied to the base. Writes a full checkpoint (+ the merged
 # adapter in adapter/ and the merge card). Runs on bases whose experts are LoRA
 # fine-tunes (`bases:` of the method entry).
 
-from mergescale.lora_lego import check_lora_bases
+from mergescale.rule_methods.lora_lego import check_lora_bases
 
 # A base whose experts are not LoRA fine-tunes has no adapters to merge: fail before any job.
 for _name in methods_of_rule("lora_lego"):
@@ -15,7 +15,7 @@ rule merge_lora_lego:
     input:
         base="results/bases/{base}",
         experts=get_expert_dirs,
-        code=str(Path(workflow.basedir).parent / "src" / "mergescale" / "lora_lego.py"),
+        code=package_source("mergescale.rule_methods.lora_lego"),
     output:
         merge_output("results/merged/{base}/{method}/{combo}"),
     log:

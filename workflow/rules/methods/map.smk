@@ -1,4 +1,4 @@
-# MAP amortised Pareto fronts (src/mergescale/map_pareto.py): probe task-arithmetic
+# MAP amortised Pareto fronts (src/mergescale/rule_methods/map_pareto.py): probe task-arithmetic
 # merges on validation, fit quadratics, pick front points. Writes the merge contract
 # (the front point with the best predicted mean) and every point of the front.
 MAP_METHODS = methods_of_rule("map")
@@ -11,7 +11,7 @@ rule merge_map:
         base="results/bases/{base}",
         experts=get_expert_dirs,
         tasks=lambda wc: [f"results/tasks/{t}_validation.yaml" for t in COMBOS[wc.combo]],
-        code=str(Path(workflow.basedir).parent / "src" / "mergescale" / "map_pareto.py"),
+        code=package_source("mergescale.rule_methods.map_pareto"),
     output:
         model=merge_output("results/merged/{base}/{method}/{combo}"),
         front="results/pareto/{base}/{combo}/{method}.csv",

@@ -1,4 +1,4 @@
-# Continual merging by orthogonal projection (src/mergescale/opcm.py): experts arrive
+# Continual merging by orthogonal projection (src/mergescale/rule_methods/opcm.py): experts arrive
 # one at a time. Writes the merge contract (checkpoint + merge card) and the scores of
 # every intermediate merge, for several arrival orders, next to the two baselines.
 OPCM_METHODS = methods_of_rule("opcm")
@@ -11,7 +11,7 @@ rule merge_opcm:
         base="results/bases/{base}",
         experts=get_expert_dirs,
         tasks=lambda wc: [f"results/tasks/{t}_test.yaml" for t in COMBOS[wc.combo]],
-        code=str(Path(workflow.basedir).parent / "src" / "mergescale" / "opcm.py"),
+        code=package_source("mergescale.rule_methods.opcm"),
     output:
         model=merge_output("results/merged/{base}/{method}/{combo}"),
         curves="results/continual/{base}/{combo}/{method}.csv",

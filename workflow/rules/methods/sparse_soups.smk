@@ -1,11 +1,9 @@
-# Sparse Model Soups (config key sparse_soups; src/mergescale/sparse_soups.py): per
+# Sparse Model Soups (config key sparse_soups; src/mergescale/studies/sparse_soups/cycle.py): per
 # (base, task, cycle), prune the start model (the expert, then the previous soup), retrain
 # copies under the shared mask, average them. The soup and the best copy are evaluated
 # like every model (model_dirs in common.smk); the plan is SPARSE_SOUPS.
 
 if SPARSE_SOUPS:
-
-    import mergescale.sparse_soups_study
 
     EXTRA_FINAL_OUTPUT.extend(SPARSE_SOUPS.final_outputs())
 
@@ -16,7 +14,7 @@ if SPARSE_SOUPS:
             validation="results/data/{task}/validation.jsonl",
             tasks="results/tasks/{task}_test.yaml",  # the copies are scored in the job
             # editing the implementation re-runs the cycles
-            source=str(Path(mergescale.sparse_soups_study.__file__).with_name("sparse_soups.py")),
+            source=package_source("mergescale.studies.sparse_soups.cycle"),
         output:
             soup=directory("results/sparse/{base}/{task}/c{cycle}/soup"),
             best_copy=directory("results/sparse/{base}/{task}/c{cycle}/best_copy"),

@@ -1,8 +1,8 @@
 # Twin-Merging (Lu et al., 2024) as a rule-method: a shared merge plus SVD-compressed
-# exclusive parts mixed per input by a router (src/mergescale/twin_merging.py). Writes a
+# exclusive parts mixed per input by a router (src/mergescale/rule_methods/twin_merging.py). Writes a
 # model-spec directory that lm-eval loads through the registered class `mergescale-twin`.
-# Its params are checked when the config is loaded (mergescale.rule_methods).
-import mergescale.twin_merging as twin_merging_module
+# Its params are checked when the config is loaded (mergescale.rule_methods.registry).
+import mergescale.rule_methods.twin_merging as twin_merging_module
 
 
 rule twin_merging:

@@ -5,8 +5,6 @@
 
 if CROSS_SEED:
 
-    import mergescale.cross_seed_study
-
     CROSS_SEED_CFG = config["cross_seed"]
 
     def get_cross_seed_inputs(wildcards):
@@ -22,7 +20,7 @@ if CROSS_SEED:
         input:
             unpack(get_cross_seed_inputs),
             # editing the implementation re-runs these merges
-            source=str(Path(mergescale.cross_seed_study.__file__).with_name("cross_seed.py")),
+            source=package_source("mergescale.studies.cross_seed.merge"),
         output:
             merge_output(f"results/merged/{CROSS_SEED.base_a}/cross_{{xmethod}}/{{combo}}"),
         log:

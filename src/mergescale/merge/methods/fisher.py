@@ -4,7 +4,7 @@ Matena & Raffel, 2022, "Merging Models with Fisher-Weighted Averaging",
 https://arxiv.org/abs/2111.09832
 
 Each expert's parameters are weighted, entry by entry, by its diagonal empirical Fisher
-F_i (computed once per expert by the compute_stats rule, see mergescale.stats):
+F_i (computed once per expert by the compute_stats rule, see mergescale.merge.statistics):
 
     merged = sum_i w_i (F_i + eps) theta_i / sum_i w_i (F_i + eps)
 

@@ -39,7 +39,7 @@ def _fit(ctx):
     from torch.func import functional_call
 
     from mergescale.merge.data_aware import Fitted, float_state, load_models, load_tokenizer
-    from mergescale.train import collate, encode
+    from mergescale.training.loop import collate, encode
 
     p = ctx.params
     if p["dataless"]:

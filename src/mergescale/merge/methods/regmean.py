@@ -104,7 +104,7 @@ def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 
 def _grams_through(model, batches, linears: dict[str, torch.nn.Linear], stop_at=None) -> dict[str, torch.Tensor]:
     """Gram matrices of `linears`' inputs while `model` runs `batches`, stopping after `stop_at`."""
-    from mergescale.stats import GramCollector
+    from mergescale.merge.statistics import GramCollector
 
     collector = GramCollector(linears)
     stopper = None
@@ -141,7 +141,7 @@ def _fit_regmean_plus_plus(ctx):
     from safetensors.torch import save_file
 
     from mergescale.merge.data_aware import Fitted, float_state, load_models, load_tokenizer, text_batches
-    from mergescale.stats import GRAM_FILE, TOKENS_KEY, linear_modules
+    from mergescale.merge.statistics import GRAM_FILE, TOKENS_KEY, linear_modules
 
     p = ctx.params
     experts = load_models(ctx.experts, ctx.device)

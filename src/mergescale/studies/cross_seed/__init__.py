@@ -1,0 +1,1 @@
+"""studies/cross_seed"""
