@@ -222,21 +222,29 @@ def _zero_shot(study: Study) -> dict:
     return score.groupby([bases["size"], bases["quality"]]).mean().to_dict()
 
 
+def _cells_at_common_qualities(study: Study, metric: str, sizes: list[int]):
+    """Claims 2 and 4 compare sizes: the paper methods' cell means of ``metric`` at those
+    sizes, restricted to the qualities every size has replicates of ([b, size, quality,
+    method, k]), the replicate counts ([size, quality]) and those qualities' indices."""
+    methods = study.paper_methods()
+    counts = study.replicate_counts(metric, methods)[sizes]
+    quals = study.common_qualities(counts)
+    cells = study.cell_means(metric, methods)[:, sizes][:, :, quals] if quals else None
+    return cells, counts, quals
+
+
 def claim_larger_merge_easier(study: Study) -> ClaimResult:
     result = ClaimResult(2, TITLES[2])
     sizes = [s for s in range(len(study.sizes)) if np.isfinite(study.parameters[s])]
     if len(sizes) < 2:
         result.notes.append("Needs at least two sizes with known parameter counts.")
         return result
-    methods = study.paper_methods()
     for metric in ("held_in", "held_out"):
-        means = study.cell_means(metric, methods)[:, sizes]
-        counts = study.replicate_counts(metric, methods)[sizes]
-        quals = study.common_qualities(counts)
+        cells_by_k, counts, quals = _cells_at_common_qualities(study, metric, sizes)
         if not quals:
             continue
         for g, k in enumerate(study.groups):
-            cells = means[..., g][:, :, quals]  # [b, size, quality, method]
+            cells = cells_by_k[..., g]  # [b, size, quality, method]
             per_size = _mean_over(cells, (2, 3), np.isfinite(cells[0])[None])
             result.comparisons.append(_trend_comparison(
                 2, f"k={k:g}, {metric}: change from the smallest to the largest size",
@@ -284,15 +292,12 @@ def claim_more_experts(study: Study) -> ClaimResult:
     if len(sizes) < 2 or len(study.groups) < 2:
         result.notes.append("Needs at least two sizes and two values of k.")
         return result
-    methods = study.paper_methods()
     span = study.groups.max() - study.groups.min()
     for metric in ("held_in", "held_out"):
-        means = study.cell_means(metric, methods)[:, sizes]
-        counts = study.replicate_counts(metric, methods)[sizes]
-        quals = study.common_qualities(counts)
+        cells, counts, quals = _cells_at_common_qualities(study, metric, sizes)
         if not quals:
             continue
-        cells = means[:, :, quals]  # [b, size, quality, method, k]
+        # cells: [b, size, quality, method, k]
         per_k = _mean_over(cells, (2, 3), np.isfinite(cells[0])[None])  # [b, size, k]
         if not np.isfinite(per_k[0]).all():
             result.notes.append(f"{metric}: not every size has every k; the slope over k is not compared.")
