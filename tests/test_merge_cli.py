@@ -168,6 +168,21 @@ def test_cli_methods_json(capsys):
     assert methods["dare_ties"]["randomised"] and methods["ties"]["needs_base"]
 
 
+def test_cli_methods_lists_rule_methods_too(capsys):
+    assert main(["methods", "--json"]) == 0
+    methods = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    rules = {"twin_merging", "opcm", "map", "lora_lego", "atlas", "task_arithmetic_tuned"}
+    assert rules <= set(methods)
+    assert {methods[n]["kind"] for n in rules} == {"rule"} and methods["ties"]["kind"] == "per-tensor"
+    assert methods["twin_merging"]["output"] == "model_spec" and methods["atlas"]["output"] == "checkpoint"
+    assert methods["twin_merging"]["needs"] == ["validation_data"] and methods["opcm"]["own_rule"]
+    alpha = next(h for h in methods["opcm"]["hyperparameters"] if h["name"] == "alpha")
+    assert alpha["default"] == 0.5 and alpha["range"] == "[0, 1]"
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    assert "\nper-tensor  ties [base]:" in text and "\nrule        atlas [validation_data, checkpoint]:" in text
+
+
 def test_cli_methods_text(capsys):
     assert main(["methods"]) == 0
     assert "ties [base]:" in capsys.readouterr().out

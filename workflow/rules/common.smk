@@ -12,10 +12,10 @@ from mergescale.tasks.combos import ALL_HELD_IN, expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
 from mergescale.evaluate.harness import check_backend
 from mergescale.sources.grid import base_labels, finetune_settings, instruct_tasks, pretrain_tasks
-from mergescale.rule_methods.atlas_plan import atlas_plan
 from mergescale.studies.cross_seed.plan import cross_seed_plan
 from mergescale.studies.sparse_soups.plan import sparse_soups_plan
 from mergescale.merge import get_method
+from mergescale.rule_methods.registry import NEEDS, get_rule_method
 from mergescale.resources import (
     WORK as RESOURCE_WORK,
     Work,
@@ -24,6 +24,7 @@ from mergescale.resources import (
     gpus_for,
     memory_mb,
     merge_work,
+    rule_method_work as work_of_rule_method,
     model_size,
     runtime_min,
 )
@@ -72,7 +73,6 @@ COMBOS = expert_subsets(
 # Optional cross-seed study (rules/methods/weight_matching.smk); its base_b is not in the grid.
 CROSS_SEED = cross_seed_plan(config, COMBOS)
 GRID_BASES = [b for b in BASES if CROSS_SEED is None or b != CROSS_SEED.base_b]
-ATLAS = atlas_plan(config, COMBOS) or {}  # optional aTLAS study (rules/methods/atlas.smk)
 SPARSE_SOUPS = sparse_soups_plan(config)  # optional Sparse Model Soups (rules/methods/sparse_soups.smk)
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
@@ -103,7 +103,7 @@ wildcard_constraints:
 
 def model_dirs():
     """Every model the workflow evaluates, as a path below results/."""
-    out = (CROSS_SEED.model_dirs() if CROSS_SEED else []) + list(ATLAS)
+    out = CROSS_SEED.model_dirs() if CROSS_SEED else []
     out += SPARSE_SOUPS.model_dirs() if SPARSE_SOUPS else []
     for base in GRID_BASES:
         out.append(f"bases/{base}")
@@ -119,14 +119,15 @@ def model_dirs():
 def eval_batches():
     """{group: model dirs} scored together by one evaluate_batch job: a base with its
     experts, and the checkpoints of one base and expert subset (its multitask model and
-    the merges of engine methods, aTLAS and cross-seed merging), and the pruned models
+    the merges of engine methods, of rule-methods registered with batch_eval, and of
+    cross-seed merging), and the pruned models
     of one sparse-soups task. Empty when evaluation cannot be batched (a backend other
     than hf, public lm-eval tasks, chat templates) or `evaluate.batch` is false; every
     other model gets a job of its own (rule evaluate)."""
     ev = config["evaluate"]
     if not ev.get("batch", True) or ev["backend"] != "hf" or any(t in LM_EVAL_TASKS for t in ALL_TASKS):
         return {}
-    checkpoints = set(ATLAS) | set(CROSS_SEED.model_dirs() if CROSS_SEED else [])
+    checkpoints = set(CROSS_SEED.model_dirs() if CROSS_SEED else [])
     groups = {}
     for path in model_dirs():
         kind, base, *rest = path.split("/")
@@ -138,7 +139,7 @@ def eval_batches():
             groups.setdefault(f"experts/{base}", []).append(path)
         elif kind == "multitask":
             groups.setdefault(f"merged/{base}/{rest[0]}", []).append(path)
-        elif kind == "merged" and (rest[0] in METHODS and rest[0] not in RULE_METHODS or path in checkpoints):
+        elif kind == "merged" and (rest[0] in METHODS and batched_merge(rest[0]) or path in checkpoints):
             groups.setdefault(f"merged/{base}/{rest[1]}", []).append(path)
         elif kind == "sparse":  # sparse/{base}/{task}/c{cycle}/{soup,best_copy}
             groups.setdefault(f"sparse/{base}/{rest[0]}", []).append(path)
@@ -216,18 +217,60 @@ def get_expert_dirs(wildcards):
 
 
 def methods_of_rule(rule):
-    """Config names of the methods implemented by workflow/rules/methods/<rule>.smk."""
+    """Config names of the entries `rule: <rule>` (a registered rule-method)."""
     return [m for m in RULE_METHODS if METHODS[m]["rule"] == rule]
 
 
+def rule_method(name):
+    """The registered rule-method of config entry `name` (mergescale.rule_methods.registry)."""
+    return get_rule_method(METHODS[name]["rule"])
+
+
 def engine_methods():
-    """{method} wildcard of the generic merge rule: every method that is not a rule-method."""
+    """{method} wildcard of the merge rule: every method that is not a rule-method."""
     return one_of([m for m in METHODS if m not in RULE_METHODS])
 
 
+def generic_rule_methods():
+    """{method} wildcard of merge_rule_method: the rule-methods without a rule of their own."""
+    return one_of([m for m in RULE_METHODS if not rule_method(m).own_rule])
+
+
 def methods_using(rule_name):
-    """{method} wildcard of a rule-method's rule: the config names with `rule: <rule_name>`."""
+    """{method} wildcard of a rule-method's own rule: the config names with `rule: <rule_name>`."""
     return one_of(methods_of_rule(rule_name))
+
+
+def batched_merge(name):
+    """Whether config entry `name`'s merges are scored in their subset's evaluate_batch job."""
+    return name not in RULE_METHODS or rule_method(name).batch_eval
+
+
+def get_rule_method_inputs(wildcards):
+    """A rule-method job's inputs: base, experts, one file per task for each thing the
+    method needs, and the method's source (editing it re-runs only its merges)."""
+    method = rule_method(wildcards.method)
+    tasks = COMBOS[wildcards.combo]
+    inputs = {
+        "base": f"results/bases/{wildcards.base}",
+        "experts": [f"results/experts/{wildcards.base}/{t}" for t in tasks],
+        "source": method.source_file,
+    }
+    for need in method.needs:
+        if NEEDS[need] is not None:
+            inputs[need] = [NEEDS[need].format(task=t) for t in tasks]
+    return inputs
+
+
+def rule_method_name(wildcards):
+    return METHODS[wildcards.method]["rule"]
+
+
+def subset_tasks(wildcards):
+    return COMBOS[wildcards.combo]
+
+
+EVALUATE_SETTINGS = {"batch_size": config["evaluate"]["batch_size"], "limit": config["evaluate"]["limit"]}
 
 
 def method_params(wildcards):
@@ -354,6 +397,10 @@ def merge_rule_work(wildcards):
     return merge_work(get_method(METHODS[wildcards.method]["method"]))
 
 
+def rule_method_work(wildcards):
+    return work_of_rule_method(METHODS[wildcards.method]["rule"])
+
+
 def task_vector_work(wildcards):
     """Every held-in expert of the base at once (the job has no subset to count them)."""
     every = RESOURCE_WORK["task_vector_stats"]
@@ -361,11 +408,11 @@ def task_vector_work(wildcards):
 
 
 def evaluate_work(wildcards):
-    """An ensemble or a Twin-Merging spec holds its k experts (and the base) at once."""
+    """An ensemble or a rule-method's model spec (Twin-Merging) holds its k experts (and the base) at once."""
     kind, base, *rest = wildcards.model.split("/")
     if kind == "ensembles":
         return Work("evaluate", models=lambda k: k)
-    if kind == "merged" and rest[0] in METHODS and METHODS[rest[0]].get("rule") == "twin_merging":
+    if kind == "merged" and rest[0] in RULE_METHODS and rule_method(rest[0]).output == "model_spec":
         return Work("evaluate", models=lambda k: k + 1)
     return RESOURCE_WORK["evaluate"]
 
@@ -373,9 +420,9 @@ def evaluate_work(wildcards):
 # Fail before any job runs: what the jobs need that the profile or this environment
 # cannot give. The profile is checked when the workflow is parsed; the environment when
 # jobs are about to run (a dry run only plans, e.g. on a login node without vllm).
-FORWARD_RULES = [r for r, w in RESOURCE_WORK.items() if w.forward] + (
+FORWARD_RULES = [r for r, w in RESOURCE_WORK.items() if w.forward and r != "merge_rule_method"] + (
     ["merge"] if any(merge_work(get_method(s["method"])).forward for s in METHODS.values() if "method" in s) else []
-)
+) + (["merge_rule_method"] if any(work_of_rule_method(METHODS[m]["rule"]).forward for m in RULE_METHODS) else [])
 check_gpu_placement(FORWARD_RULES, DECLARED_GPUS, workflow.resource_settings.overwrite_resources or {}, cluster=False)
 
 

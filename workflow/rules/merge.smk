@@ -52,3 +52,30 @@ rule tune:
         **rule_resources("tune"),
     script:
         "../scripts/tune.py"
+
+
+# Any rule-method (mergescale.rule_methods.registry) without a rule of its own: its
+# registered run() with the entry's params and the inputs the method says it needs.
+rule merge_rule_method:
+    input:
+        unpack(get_rule_method_inputs),
+    output:
+        model=merge_output("results/merged/{base}/{method}/{combo}"),
+    log:
+        "results/logs/merge_rule_method/{method}/{base}/{combo}.log",
+    benchmark:
+        "results/benchmarks/merge_rule_method/{method}/{base}/{combo}.tsv"
+    wildcard_constraints:
+        method=generic_rule_methods(),
+    params:
+        rule=rule_method_name,
+        params=method_params,
+        tasks=subset_tasks,
+        evaluate=EVALUATE_SETTINGS,
+        dtype=config["merge"]["dtype"],
+        seed=config["seed"],
+    threads: 1
+    resources:
+        **rule_resources("merge_rule_method", rule_method_work),
+    script:
+        "../scripts/merge_rule_method.py"
