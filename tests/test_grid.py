@@ -121,8 +121,9 @@ def test_tune_on_a_method_without_grid_is_a_config_error():
         check_semantics(config)
 
 
-RULE_OF_METHOD_RULE = {"twin_merging": "twin_merging", "opcm": "merge_opcm", "map": "merge_map",
-                       "lora_lego": "merge_lora_lego"}
+RULE_OF_METHOD_RULE = {"twin_merging": "merge_rule_method", "opcm": "merge_opcm", "map": "merge_map",
+                       "lora_lego": "merge_rule_method", "atlas": "merge_rule_method",
+                       "task_arithmetic_tuned": "merge_rule_method"}
 FIGURE_RULES = {"opcm": "plot_continual", "map": "report_map"}
 
 

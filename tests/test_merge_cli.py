@@ -55,7 +55,7 @@ def test_parse_mergekit_yaml(models, tmp_path):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda y: y.replace("merge_method: ties", "merge_method: tie"), "Did you mean: ties"),
+    (lambda y: y.replace("merge_method: ties", "merge_method: tie"), r"\(did you mean ties, dare_ties\?\)"),
     (lambda y: y + "slices: []\n", "models, slices: give exactly one of them"),
     (lambda y: y + "tokenizer: {source: base}\n", "tokenizer: tokenizer surgery"),
     (lambda y: y + "chat_template: chatml\n", "chat_template: chat template selection"),
@@ -66,7 +66,7 @@ def test_parse_mergekit_yaml(models, tmp_path):
     (lambda y: y + "colour: red\n", "colour: unknown key"),
     (lambda y: y.replace("density: 0.3", "density: {fliter: mlp, value: 0.5}"), r"parameters.density\[0\].fliter: unknown key"),
     (lambda y: y.replace("density: 0.3", "density: []"), "parameters.density: expected a value"),
-    (lambda y: y.replace("density: 0.5}", "densty: 0.5}"), r"models\[1\].*'densty'"),
+    (lambda y: y.replace("density: 0.5}", "densty: 0.5}"), r"models\[1\].*densty"),
     (lambda y: y.replace("density: 0.5}", "density: 1.5}"), r"models\[1\].density=1.5 is outside"),
     (lambda y: y.replace("dtype: bfloat16", "dtype: int4"), "dtype: 'int4'"),
     (lambda y: y.replace("models:\n  - model:", "models:\n  - model: /nonexistent\n  - model:", 1),

@@ -290,7 +290,7 @@ class ResolvedParams:
 def unknown_hyperparameter(hyperparameters, key: str, owner: str, where: str = "") -> MergeInputError:
     known = [h.name for h in hyperparameters]
     return MergeInputError(
-        f"{where}{key!r} is not a hyperparameter of {owner}{did_you_mean(key, known, n=2)}; "
+        f"{where}{key} is not a hyperparameter of {owner}{did_you_mean(key, known, n=2)}; "
         f"allowed: {', '.join(sorted(known)) or 'none'}"
     )
 
