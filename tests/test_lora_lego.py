@@ -317,7 +317,7 @@ def test_dry_run_honours_variant_base_ks_and_method_bases(tmp_path):
     path.write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     jobs = planned_jobs(run, config=path)
-    assert jobs["variant_base"] == 1 and jobs["merge_rule_method"] == 1
+    assert jobs["link_variant_base"] == 1 and jobs["merge_rule_method"] == 1
     assert jobs["finetune_expert"] == 2 * len(config["tasks"]["held_in"])
     assert jobs["finetune_multitask"] == 2 + 1  # the variant's only at k=2
     assert planned_outputs(run, "merge_rule_method", config=path) == ["results/merged/v/lego/k2s0"]

@@ -108,7 +108,7 @@ def test_gpu_only_for_forward_passes_and_only_where_declared():
     assert gpus_for("merge", 4, merge_work(get_method("regmean_plus_plus"))) == 1
     assert gpus_for("merge", 4, merge_work(get_method("ties"))) == 0
     assert [r for r, w in WORK.items() if not w.forward] == ["merge", "import_base",
-                                                           "task_vector_stats"]
+                                                           "compute_task_vector_stats"]
 
 
 def test_gpu_placement_errors_name_the_key():

@@ -75,7 +75,7 @@ WORK = {
     "instruct_base": Work("train"),
     "finetune_expert": Work("train"),
     "finetune_multitask": Work("train"),
-    "sparse_soup_cycle": Work("train", models=lambda k: 3),  # the copy in training, the soup, the best copy
+    "run_sparse_soup_cycle": Work("train", models=lambda k: 3),  # the copy in training, the soup, the best copy
     "compute_stats": Work("stats"),
     "evaluate": Work("evaluate"),
     "evaluate_batch": Work("evaluate", models=lambda k: 2),  # one model loaded, the next swapped in
@@ -87,11 +87,11 @@ WORK = {
     "merge_opcm": Work("fit", models=_k_plus_2),
     "merge_map": Work("fit", models=_k_plus_2),
     "merge_cross_seed": Work("fit", models=lambda k: 2 * k + 2),  # experts of both seeds
-    "barrier": Work("fit", models=lambda k: 4),
+    "measure_barrier": Work("fit", models=lambda k: 4),
     "import_base": Work("convert", models=lambda k: 2, forward=False),
     # one tensor of the base and of every expert, their task vectors stacked, and a float64
     # copy of the stack; its rule passes the number of experts (it has no subset)
-    "task_vector_stats": Work("stream", models=lambda k: 3 * k + 2, forward=False),
+    "compute_task_vector_stats": Work("stream", models=lambda k: 3 * k + 2, forward=False),
 }
 
 

@@ -45,12 +45,12 @@ rule instruct_base:
 
 
 localrules:
-    variant_base,
+    link_variant_base,
 
 
 # A variant: another base's weights, hard-linked (or copied) and verified, so that the
 # variant's experts (its own fine-tuning settings) have a base of their own.
-rule variant_base:
+rule link_variant_base:
     input:
         base=lambda wc: f"results/bases/{config['bases'][wc.base]['from']}",
     output:

@@ -403,7 +403,7 @@ def rule_method_work(wildcards):
 
 def task_vector_work(wildcards):
     """Every held-in expert of the base at once (the job has no subset to count them)."""
-    every = RESOURCE_WORK["task_vector_stats"]
+    every = RESOURCE_WORK["compute_task_vector_stats"]
     return Work(every.kind, models=lambda k: every.models(len(HELD_IN)), forward=every.forward)
 
 

@@ -1,6 +1,6 @@
 # How far each base's experts move from it (task-vector norms) and how their moves
 # relate (cosine similarity): the regime merging works in.
-rule task_vector_stats:
+rule compute_task_vector_stats:
     input:
         base="results/bases/{base}",
         experts=lambda wc: [f"results/experts/{wc.base}/{t}" for t in HELD_IN],
@@ -12,12 +12,12 @@ rule task_vector_stats:
         tasks=HELD_IN,
     threads: 1
     resources:
-        **rule_resources("task_vector_stats", task_vector_work),
+        **rule_resources("compute_task_vector_stats", task_vector_work),
     script:
         "../scripts/task_vector_stats.py"
 
 
-rule task_vector_table:
+rule write_task_vector_table:
     input:
         expand("results/tables/task_vectors/{base}.json", base=GRID_BASES),
     output:
@@ -29,7 +29,7 @@ rule task_vector_table:
 
 
 # The hyperparameters tuning chose, per base, method and k.
-rule tuning_table:
+rule write_tuning_table:
     input:
         tuning_records(),
     output:

@@ -89,7 +89,7 @@ rule unbatch_scores:
 
 # The output-ensemble reference: a model spec naming the subset's experts, evaluated by
 # mergescale.evaluate.ensemble's lm-eval class (no weights are written).
-rule ensemble:
+rule build_ensemble:
     input:
         experts=get_expert_dirs,
     output:

@@ -1,4 +1,4 @@
-rule aggregate:
+rule aggregate_scores:
     input:
         scores=expand("results/evals/{model}/scores.json", model=model_dirs()),
     output:
@@ -19,7 +19,7 @@ rule aggregate:
         "../scripts/aggregate.py"
 
 
-rule findings:
+rule write_findings:
     input:
         normalized="results/tables/normalized.csv",
     output:
@@ -30,7 +30,7 @@ rule findings:
         "../scripts/findings.py"
 
 
-rule plot:
+rule plot_figures:
     input:
         normalized="results/tables/normalized.csv",
     output:

@@ -7,7 +7,7 @@ if SPARSE_SOUPS:
 
     EXTRA_FINAL_OUTPUT.extend(SPARSE_SOUPS.final_outputs())
 
-    rule sparse_soup_cycle:
+    rule run_sparse_soup_cycle:
         input:
             start=lambda wc: SPARSE_SOUPS.start_dir(wc.base, wc.task, int(wc.cycle)),
             train="results/data/{task}/train.jsonl",
@@ -39,7 +39,7 @@ if SPARSE_SOUPS:
             },
         threads: 1
         resources:
-            **rule_resources("sparse_soup_cycle"),
+            **rule_resources("run_sparse_soup_cycle"),
         script:
             "../../scripts/sparse_soup_cycle.py"
 

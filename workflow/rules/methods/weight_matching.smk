@@ -41,7 +41,7 @@ if CROSS_SEED:
         script:
             "../../scripts/weight_matching.py"
 
-    rule barrier:
+    rule measure_barrier:
         input:
             base_a=f"results/bases/{CROSS_SEED.base_a}",
             base_b=f"results/bases/{CROSS_SEED.base_b}",
@@ -65,7 +65,7 @@ if CROSS_SEED:
             seed=config["seed"],
         threads: 1
         resources:
-            **rule_resources("barrier"),
+            **rule_resources("measure_barrier"),
         script:
             "../../scripts/barrier.py"
 
