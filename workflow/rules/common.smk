@@ -12,6 +12,7 @@ from mergescale.tasks.combos import ALL_HELD_IN, expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
 from mergescale.evaluate.harness import check_backend
 from mergescale.sources.grid import base_labels, finetune_settings, instruct_tasks, pretrain_tasks
+from mergescale.studies import study_plans
 from mergescale.studies.cross_seed.plan import cross_seed_plan
 from mergescale.studies.sparse_soups.plan import sparse_soups_plan
 from mergescale.merge import get_method
@@ -70,10 +71,13 @@ RULE_METHODS = [name for name, spec in METHODS.items() if "rule" in spec]
 COMBOS = expert_subsets(
     HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
 )
-# Optional cross-seed study (rules/methods/weight_matching.smk); its base_b is not in the grid.
+# Studies beside the grid (mergescale.studies): the models, batches and final outputs
+# they add. Their own rules read their plans: CROSS_SEED (rules/methods/weight_matching.smk),
+# SPARSE_SOUPS (rules/methods/sparse_soups.smk).
+STUDIES = study_plans(config, COMBOS)
 CROSS_SEED = cross_seed_plan(config, COMBOS)
-GRID_BASES = [b for b in BASES if CROSS_SEED is None or b != CROSS_SEED.base_b]
-SPARSE_SOUPS = sparse_soups_plan(config)  # optional Sparse Model Soups (rules/methods/sparse_soups.smk)
+SPARSE_SOUPS = sparse_soups_plan(config)
+GRID_BASES = [b for b in BASES if not any(b in study.own_bases() for study in STUDIES)]
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
 # Data for the statistics of data-aware methods (and their fits): split and examples.
@@ -103,8 +107,12 @@ wildcard_constraints:
 
 def model_dirs():
     """Every model the workflow evaluates, as a path below results/."""
-    out = CROSS_SEED.model_dirs() if CROSS_SEED else []
-    out += SPARSE_SOUPS.model_dirs() if SPARSE_SOUPS else []
+    return [path for study in STUDIES for path in study.model_dirs()] + grid_model_dirs()
+
+
+def grid_model_dirs():
+    """The grid's models: bases, experts, multitask models, merges, ensembles."""
+    out = []
     for base in GRID_BASES:
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
@@ -118,18 +126,19 @@ def model_dirs():
 
 def eval_batches():
     """{group: model dirs} scored together by one evaluate_batch job: a base with its
-    experts, and the checkpoints of one base and expert subset (its multitask model and
-    the merges of engine methods, of rule-methods registered with batch_eval, and of
-    cross-seed merging), and the pruned models
-    of one sparse-soups task. Empty when evaluation cannot be batched (a backend other
+    experts, the checkpoints of one base and expert subset (its multitask model and the
+    merges of engine methods and of rule-methods registered with batch_eval), and the
+    batches of the studies (which may join those). Empty when evaluation cannot be batched (a backend other
     than hf, public lm-eval tasks, chat templates) or `evaluate.batch` is false; every
     other model gets a job of its own (rule evaluate)."""
     ev = config["evaluate"]
     if not ev.get("batch", True) or ev["backend"] != "hf" or any(t in LM_EVAL_TASKS for t in ALL_TASKS):
         return {}
-    checkpoints = set(CROSS_SEED.model_dirs() if CROSS_SEED else [])
     groups = {}
-    for path in model_dirs():
+    for study in STUDIES:
+        for group, paths in study.eval_batches().items():
+            groups.setdefault(group, []).extend(p for p in paths if not uses_chat_template(p.split("/")[1]))
+    for path in grid_model_dirs():
         kind, base, *rest = path.split("/")
         if uses_chat_template(base):
             continue
@@ -139,10 +148,8 @@ def eval_batches():
             groups.setdefault(f"experts/{base}", []).append(path)
         elif kind == "multitask":
             groups.setdefault(f"merged/{base}/{rest[0]}", []).append(path)
-        elif kind == "merged" and (rest[0] in METHODS and batched_merge(rest[0]) or path in checkpoints):
+        elif kind == "merged" and batched_merge(rest[0]):
             groups.setdefault(f"merged/{base}/{rest[1]}", []).append(path)
-        elif kind == "sparse":  # sparse/{base}/{task}/c{cycle}/{soup,best_copy}
-            groups.setdefault(f"sparse/{base}/{rest[0]}", []).append(path)
     return {group: paths for group, paths in groups.items() if len(paths) > 1}
 
 
@@ -171,7 +178,7 @@ def get_final_output():
         "results/plots/base_quality.png",
         "results/tables/task_vectors.md",
         *(["results/tables/tuning.md"] if tuning_records() else []),
-    ] + (CROSS_SEED.final_outputs() if CROSS_SEED else []) + EXTRA_FINAL_OUTPUT
+    ] + [path for study in STUDIES for path in study.final_outputs()] + EXTRA_FINAL_OUTPUT
 
 
 def bases_with_source(source):
@@ -311,6 +318,28 @@ def get_stats_data(wildcards):
     return f"results/data/{wildcards.task}/{STATS['split']}.jsonl"
 
 
+def evaluate_params():
+    """Settings shared by both evaluation rules (the model comes from the rule)."""
+    return dict(
+        tasks=[[t, s] for t in PROCEDURAL_TASKS for s in EVAL_SPLITS],
+        lm_eval_tasks={t: LM_EVAL_TASKS[t] for t in ALL_TASKS if t in LM_EVAL_TASKS},
+        backend=config["evaluate"]["backend"],
+        batch_size=config["evaluate"]["batch_size"],
+        limit=config["evaluate"]["limit"],
+        seed=config["seed"],
+    )
+
+
+def get_cross_seed_inputs(wildcards):
+    experts_a, experts_b = CROSS_SEED.experts(wildcards.combo)
+    tasks = COMBOS[wildcards.combo]
+    return {
+        "experts_a": experts_a,
+        "experts_b": experts_b,
+        "data": [f"results/data/{t}/validation.jsonl" for t in tasks],
+    }
+
+
 def get_merge_data_inputs(wildcards):
     """Statistics (compute_stats) or validation data (a fit) that a data-aware method reads."""
     method = get_method(METHODS[wildcards.method]["method"])
@@ -350,12 +379,12 @@ def job_base_and_k(wildcards):
     return base, int(combo.group(1)) if combo else 1
 
 
-def train_settings(rule, wildcards, base):
-    if rule == "pretrain_base":
+def train_settings(rule_name, wildcards, base):
+    if rule_name == "pretrain_base":
         return config["bases"][base]["pretrain"]
-    if rule == "instruct_base":
+    if rule_name == "instruct_base":
         return config["bases"][base]["train"]
-    if rule == "finetune_multitask":
+    if rule_name == "finetune_multitask":
         return multitask_train_config(base, wildcards.taskset)
     return expert_train_config(base)
 

@@ -3,18 +3,6 @@ EVAL_BATCHES = eval_batches()
 BATCHED_MODELS = [m for paths in EVAL_BATCHES.values() for m in paths]
 
 
-def evaluate_params():
-    """Settings shared by both evaluation rules (the model comes from the rule)."""
-    return dict(
-        tasks=[[t, s] for t in PROCEDURAL_TASKS for s in EVAL_SPLITS],
-        lm_eval_tasks={t: LM_EVAL_TASKS[t] for t in ALL_TASKS if t in LM_EVAL_TASKS},
-        backend=config["evaluate"]["backend"],
-        batch_size=config["evaluate"]["batch_size"],
-        limit=config["evaluate"]["limit"],
-        seed=config["seed"],
-    )
-
-
 rule evaluate:
     input:
         model="results/{model}",
@@ -81,10 +69,12 @@ rule unbatch_scores:
         model_dir="results/{model}",
         python=sys.executable,
         src=str(Path(workflow.basedir).parent / "src"),  # this workflow's package, as in common.smk
+    log:
+        "results/logs/unbatch_scores/{model}.log",
     # a shell command: a Python rule (run:) would parse the whole workflow again per model
     shell:
         "PYTHONPATH={params.src}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.python} -m mergescale.evaluate.batch_member {input} {params.model_dir} {output}"
+        "{params.python} -m mergescale.evaluate.batch_member {input} {params.model_dir} {output} > {log} 2>&1"
 
 
 # The output-ensemble reference: a model spec naming the subset's experts, evaluated by

@@ -5,8 +5,6 @@
 
 if SPARSE_SOUPS:
 
-    EXTRA_FINAL_OUTPUT.extend(SPARSE_SOUPS.final_outputs())
-
     rule run_sparse_soup_cycle:
         input:
             start=lambda wc: SPARSE_SOUPS.start_dir(wc.base, wc.task, int(wc.cycle)),

@@ -5,17 +5,6 @@
 
 if CROSS_SEED:
 
-    CROSS_SEED_CFG = config["cross_seed"]
-
-    def get_cross_seed_inputs(wildcards):
-        experts_a, experts_b = CROSS_SEED.experts(wildcards.combo)
-        tasks = COMBOS[wildcards.combo]
-        return {
-            "experts_a": experts_a,
-            "experts_b": experts_b,
-            "data": [f"results/data/{t}/validation.jsonl" for t in tasks],
-        }
-
     rule merge_cross_seed:
         input:
             unpack(get_cross_seed_inputs),
@@ -31,8 +20,8 @@ if CROSS_SEED:
             xmethod="|".join(CROSS_SEED.methods),
             combo="|".join(CROSS_SEED.combos),
         params:
-            max_iter=CROSS_SEED_CFG.get("max_iter", 100),
-            pleas=CROSS_SEED_CFG.get("pleas", {}),
+            max_iter=CROSS_SEED.max_iter,
+            pleas=CROSS_SEED.pleas,
             dtype=config["merge"]["dtype"],
             seed=config["seed"],
         threads: 1
@@ -59,8 +48,8 @@ if CROSS_SEED:
         params:
             expert_tasks=CROSS_SEED.expert_pairs,
             score_tasks=CROSS_SEED.score_tasks,
-            barrier=CROSS_SEED_CFG.get("barrier", {}),
-            max_iter=CROSS_SEED_CFG.get("max_iter", 100),
+            barrier=CROSS_SEED.barrier,
+            max_iter=CROSS_SEED.max_iter,
             batch_size=config["evaluate"]["batch_size"],
             seed=config["seed"],
         threads: 1
