@@ -15,6 +15,8 @@ rule pretrain_base:
     threads: 1
     resources:
         **rule_resources("pretrain_base"),
+    conda:
+        SOFTWARE
     script:
         "../scripts/pretrain_base.py"
 
@@ -40,6 +42,8 @@ rule instruct_base:
     threads: 1
     resources:
         **rule_resources("instruct_base"),
+    conda:
+        SOFTWARE
     script:
         "../scripts/finetune.py"
 
@@ -61,5 +65,7 @@ rule link_variant_base:
         base=one_of(VARIANT_BASES),
     params:
         source=lambda wc: {"path": f"results/bases/{config['bases'][wc.base]['from']}"},
+    conda:
+        SOFTWARE
     script:
         "../scripts/download.py"

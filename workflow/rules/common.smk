@@ -44,6 +44,10 @@ validate(config, "../schemas/config.schema.yaml")  # (also fills in defaults)
 check_semantics(config)
 
 
+# Every rule's software (workflow/envs/mergescale.yaml), used under --software-deployment-method conda.
+SOFTWARE = str(Path(workflow.basedir) / "envs" / "mergescale.yaml")
+
+
 def package_source(module):
     """The source file of a package module, as a job input: editing it re-runs the job.
     Found without importing the module (no torch while the DAG is built)."""

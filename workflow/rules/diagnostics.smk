@@ -13,6 +13,8 @@ rule compute_task_vector_stats:
     threads: 1
     resources:
         **rule_resources("compute_task_vector_stats", task_vector_work),
+    conda:
+        SOFTWARE
     script:
         "../scripts/task_vector_stats.py"
 
@@ -24,6 +26,8 @@ rule write_task_vector_table:
         report("results/tables/task_vectors.md", caption="../report/task_vectors.rst", category="Tables"),
     log:
         "results/logs/task_vector_table.log",
+    conda:
+        SOFTWARE
     script:
         "../scripts/task_vector_table.py"
 
@@ -36,5 +40,7 @@ rule write_tuning_table:
         report("results/tables/tuning.md", caption="../report/tuning.rst", category="Tables"),
     log:
         "results/logs/tuning_table.log",
+    conda:
+        SOFTWARE
     script:
         "../scripts/tuning_table.py"

@@ -12,6 +12,8 @@ rule download_base:
         base=one_of(FETCHED_BASES),
     params:
         source=lambda wc: model_ref(config["bases"][wc.base]),
+    conda:
+        SOFTWARE
     script:
         "../scripts/download.py"
 
@@ -25,6 +27,8 @@ rule download_expert:
         base=one_of(FETCHED_EXPERT_BASES),
     params:
         source=lambda wc: config["bases"][wc.base]["experts"][wc.task],
+    conda:
+        SOFTWARE
     script:
         "../scripts/download.py"
 
@@ -39,6 +43,8 @@ rule export_lm_eval_train:
     params:
         lm_tasks=lambda wc: lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], "train"),
         split="train",
+    conda:
+        SOFTWARE
     script:
         "../scripts/export_lm_eval_split.py"
 
@@ -55,6 +61,8 @@ rule export_lm_eval_validation:
     params:
         lm_tasks=lambda wc: lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], "validation"),
         split="validation",
+    conda:
+        SOFTWARE
     script:
         "../scripts/export_lm_eval_split.py"
 
@@ -72,5 +80,7 @@ rule render_lm_eval_validation:
     params:
         description=lambda wc: f"validation rows of {'+'.join(lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], 'validation'))}",
         cluster=lambda wc: LM_EVAL_TASKS[wc.task].get("cluster", wc.task),
+    conda:
+        SOFTWARE
     script:
         "../scripts/render_task.py"

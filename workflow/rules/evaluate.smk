@@ -21,6 +21,8 @@ rule evaluate:
     threads: 1
     resources:
         **rule_resources("evaluate", evaluate_work),
+    conda:
+        SOFTWARE
     script:
         "../scripts/evaluate.py"
 
@@ -50,6 +52,8 @@ rule evaluate_batch:
     threads: 1
     resources:
         **rule_resources("evaluate_batch"),
+    conda:
+        SOFTWARE
     script:
         "../scripts/evaluate_batch.py"
 
@@ -72,6 +76,8 @@ rule unbatch_scores:
     log:
         "results/logs/unbatch_scores/{model}.log",
     # a shell command: a Python rule (run:) would parse the whole workflow again per model
+    conda:
+        SOFTWARE
     shell:
         "PYTHONPATH={params.src}${{PYTHONPATH:+:$PYTHONPATH}} "
         "{params.python} -m mergescale.evaluate.batch_member {input} {params.model_dir} {output} > {log} 2>&1"
@@ -86,5 +92,7 @@ rule build_ensemble:
         directory("results/ensembles/{base}/{combo}"),
     log:
         "results/logs/ensemble/{base}/{combo}.log",
+    conda:
+        SOFTWARE
     script:
         "../scripts/ensemble.py"

@@ -17,6 +17,8 @@ rule finetune_expert:
     threads: 1
     resources:
         **rule_resources("finetune_expert"),
+    conda:
+        SOFTWARE
     script:
         "../scripts/finetune.py"
 
@@ -40,5 +42,7 @@ rule finetune_multitask:
     threads: 1
     resources:
         **rule_resources("finetune_multitask"),
+    conda:
+        SOFTWARE
     script:
         "../scripts/finetune.py"

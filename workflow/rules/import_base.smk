@@ -15,5 +15,7 @@ rule import_base:
     threads: 1
     resources:
         **rule_resources("import_base"),
+    conda:
+        SOFTWARE
     script:
         "../scripts/import_base.py"

@@ -21,6 +21,8 @@ rule merge:
     threads: 1
     resources:
         **rule_resources("merge", merge_rule_work),
+    conda:
+        SOFTWARE
     script:
         "../scripts/merge.py"
 
@@ -50,6 +52,8 @@ rule tune:
     threads: 1
     resources:
         **rule_resources("tune"),
+    conda:
+        SOFTWARE
     script:
         "../scripts/tune.py"
 
@@ -77,5 +81,7 @@ rule merge_rule_method:
     threads: 1
     resources:
         **rule_resources("merge_rule_method", rule_method_work),
+    conda:
+        SOFTWARE
     script:
         "../scripts/merge_rule_method.py"

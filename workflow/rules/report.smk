@@ -15,6 +15,8 @@ rule aggregate_scores:
         held_out=HELD_OUT,
         combos=COMBOS,
         base_labels=BASE_LABELS,
+    conda:
+        SOFTWARE
     script:
         "../scripts/aggregate.py"
 
@@ -26,6 +28,8 @@ rule write_findings:
         report("results/findings.md", caption="../report/findings.rst", category="Findings"),
     log:
         "results/logs/findings.log",
+    conda:
+        SOFTWARE
     script:
         "../scripts/findings.py"
 
@@ -58,5 +62,7 @@ rule plot_figures:
         "results/logs/plot.log",
     params:
         qualities=QUALITIES,
+    conda:
+        SOFTWARE
     script:
         "../scripts/plot.py"

@@ -13,5 +13,7 @@ rule compute_stats:
     threads: 1
     resources:
         **rule_resources("compute_stats"),
+    conda:
+        SOFTWARE
     script:
         "../scripts/stats.py"

@@ -28,6 +28,8 @@ rule merge_map:
     threads: 1
     resources:
         **rule_resources("merge_map"),
+    conda:
+        SOFTWARE
     script:
         "../../scripts/merge_rule_method.py"
 
@@ -50,5 +52,7 @@ rule report_map:
         plot=report("results/plots/map_front.png", caption="../../report/map.rst", category="Figures"),
     log:
         "results/logs/report_map.log",
+    conda:
+        SOFTWARE
     script:
         "../../scripts/report_map.py"

@@ -28,6 +28,8 @@ rule merge_opcm:
     threads: 1
     resources:
         **rule_resources("merge_opcm"),
+    conda:
+        SOFTWARE
     script:
         "../../scripts/merge_rule_method.py"
 
@@ -54,5 +56,7 @@ rule plot_continual:
         "results/tables/continual.csv",
     log:
         "results/logs/plot_continual.log",
+    conda:
+        SOFTWARE
     script:
         "../../scripts/plot_continual.py"

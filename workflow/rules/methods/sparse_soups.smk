@@ -38,6 +38,8 @@ if SPARSE_SOUPS:
         threads: 1
         resources:
             **rule_resources("run_sparse_soup_cycle"),
+        conda:
+            SOFTWARE
         script:
             "../../scripts/sparse_soup_cycle.py"
 
@@ -55,5 +57,7 @@ if SPARSE_SOUPS:
         params:
             bases=[base for base, _, _ in SPARSE_SOUPS.units()],  # the base of each card
         localrule: True
+        conda:
+            SOFTWARE
         script:
             "../../scripts/report_sparse_soups.py"

@@ -27,6 +27,8 @@ if CROSS_SEED:
         threads: 1
         resources:
             **rule_resources("merge_cross_seed"),
+        conda:
+            SOFTWARE
         script:
             "../../scripts/weight_matching.py"
 
@@ -55,6 +57,8 @@ if CROSS_SEED:
         threads: 1
         resources:
             **rule_resources("measure_barrier"),
+        conda:
+            SOFTWARE
         script:
             "../../scripts/barrier.py"
 
@@ -66,5 +70,7 @@ if CROSS_SEED:
         log:
             "results/logs/plot_barrier.log",
         localrule: True
+        conda:
+            SOFTWARE
         script:
             "../../scripts/plot_barrier.py"
