@@ -70,14 +70,14 @@ VARIANT_BASES = [b for b in BASES if config["bases"][b]["source"] == "variant"]
 BASE_LABELS = base_labels(config["bases"])
 QUALITIES = sorted({labels["quality"] for labels in BASE_LABELS.values()})
 METHODS = config["merge"]["methods"]
-# Methods that are rules of their own (`rule:` in the config, workflow/rules/methods/).
+# Rule-methods (`rule:` in the config; mergescale.rule_methods.registry).
 RULE_METHODS = [name for name, spec in METHODS.items() if "rule" in spec]
 COMBOS = expert_subsets(
     HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
 )
 # Studies beside the grid (mergescale.studies): the models, batches and final outputs
-# they add. Their own rules read their plans: CROSS_SEED (rules/methods/weight_matching.smk),
-# SPARSE_SOUPS (rules/methods/sparse_soups.smk).
+# they add. Their own rules read their plans: CROSS_SEED (rules/studies/cross_seed.smk),
+# SPARSE_SOUPS (rules/studies/sparse_soups.smk).
 STUDIES = study_plans(config, COMBOS)
 CROSS_SEED = cross_seed_plan(config, COMBOS)
 SPARSE_SOUPS = sparse_soups_plan(config)

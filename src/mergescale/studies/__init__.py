@@ -1,5 +1,5 @@
 """Studies: experiments beside the merge grid, each with its own output tree and rules
-(workflow/rules/methods/weight_matching.smk, sparse_soups.smk), configured by a
+(workflow/rules/studies/cross_seed.smk, sparse_soups.smk), configured by a
 top-level config section (`cross_seed`, `sparse_soups`).
 
 The workflow sees every study through one small interface, `StudyPlan`: the models it
