@@ -393,32 +393,32 @@ def train_settings(rule_name, wildcards, base):
     return expert_train_config(base)
 
 
-def rule_resources(rule, work=None):
+def rule_resources(rule_name, work=None):
     """Snakemake `resources:` of a rule: mem_mb, runtime (minutes), gpu and cpus_per_task
     as functions of each job's wildcards; `work` (a Work, or a function of the wildcards
     returning one) replaces the rule's entry in mergescale.resources.WORK."""
 
     def plan(wildcards):
         base, k = job_base_and_k(wildcards)
-        w = work(wildcards) if callable(work) else (work or RESOURCE_WORK[rule])
+        w = work(wildcards) if callable(work) else (work or RESOURCE_WORK[rule_name])
         return base, k, w
 
     def mem_mb(wildcards, attempt):
         base, k, w = plan(wildcards)
-        gpu = gpus_for(rule, DECLARED_GPUS, w) > 0
-        mb = memory_mb(rule, model_size(config, base), k, config["merge"]["dtype"], gpu, w,
+        gpu = gpus_for(rule_name, DECLARED_GPUS, w) > 0
+        mb = memory_mb(rule_name, model_size(config, base), k, config["merge"]["dtype"], gpu, w,
                        config["evaluate"]["backend"])
         return int(mb * (1 + 0.5 * (attempt - 1)))  # a retry gets half as much again
 
     def runtime(wildcards, attempt):
         base, k, w = plan(wildcards)
-        train = train_settings(rule, wildcards, base) if w.kind == "train" else {}
-        minutes = runtime_min(rule, model_size(config, base), k, train.get("steps", 0),
+        train = train_settings(rule_name, wildcards, base) if w.kind == "train" else {}
+        minutes = runtime_min(rule_name, model_size(config, base), k, train.get("steps", 0),
                               train.get("batch_size", 0), w)
         return minutes * attempt
 
     def gpu(wildcards):
-        return gpus_for(rule, DECLARED_GPUS, plan(wildcards)[2])
+        return gpus_for(rule_name, DECLARED_GPUS, plan(wildcards)[2])
 
     def cpus_per_task(wildcards):
         return cpus_for(plan(wildcards)[2], workflow.resource_settings.max_threads)
