@@ -9,14 +9,14 @@ rule pretrain_base:
         "results/benchmarks/pretrain_base/{base}.tsv"
     wildcard_constraints:
         base=one_of(PRETRAINED_BASES),
-    params:
-        shape=lambda wc: config["bases"][wc.base]["shape"],
-        train=lambda wc: config["bases"][wc.base]["pretrain"],
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("pretrain_base"),
-    conda:
-        SOFTWARE
+    params:
+        shape=lambda wc: config["bases"][wc.base]["shape"],
+        train=lambda wc: config["bases"][wc.base]["pretrain"],
     script:
         "../scripts/pretrain_base.py"
 
@@ -35,15 +35,15 @@ rule instruct_base:
         "results/benchmarks/instruct_base/{base}.tsv"
     wildcard_constraints:
         base=one_of(INSTRUCT_BASES),
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("instruct_base"),
     params:
         train=lambda wc: {"seed": config["seed"], **config["bases"][wc.base]["train"]},
         stage="instruct_base",
         chat_template=lambda wc: uses_chat_template(wc.base),
-    threads: 1
-    resources:
-        **rule_resources("instruct_base"),
-    conda:
-        SOFTWARE
     script:
         "../scripts/finetune.py"
 
@@ -63,9 +63,9 @@ rule link_variant_base:
         "results/logs/variant_base/{base}.log",
     wildcard_constraints:
         base=one_of(VARIANT_BASES),
-    params:
-        source=lambda wc: {"path": f"results/bases/{config['bases'][wc.base]['from']}"},
     conda:
         SOFTWARE
+    params:
+        source=lambda wc: {"path": f"results/bases/{config['bases'][wc.base]['from']}"},
     script:
         "../scripts/download.py"

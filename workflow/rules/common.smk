@@ -72,9 +72,7 @@ QUALITIES = sorted({labels["quality"] for labels in BASE_LABELS.values()})
 METHODS = config["merge"]["methods"]
 # Rule-methods (`rule:` in the config; mergescale.rule_methods.registry).
 RULE_METHODS = [name for name, spec in METHODS.items() if "rule" in spec]
-COMBOS = expert_subsets(
-    HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
-)
+COMBOS = expert_subsets(HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"])
 # Studies beside the grid (mergescale.studies): the models, batches and final outputs
 # they add. Their own rules read their plans: CROSS_SEED (rules/studies/cross_seed.smk),
 # SPARSE_SOUPS (rules/studies/sparse_soups.smk).
@@ -174,15 +172,19 @@ def method_combos(name, base=None):
 
 
 def get_final_output():
-    return [
-        "results/tables/scores.csv",
-        "results/tables/summary.md",
-        "results/findings.md",
-        *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
-        "results/plots/base_quality.png",
-        "results/tables/task_vectors.md",
-        *(["results/tables/tuning.md"] if tuning_records() else []),
-    ] + [path for study in STUDIES for path in study.final_outputs()] + EXTRA_FINAL_OUTPUT
+    return (
+        [
+            "results/tables/scores.csv",
+            "results/tables/summary.md",
+            "results/findings.md",
+            *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
+            "results/plots/base_quality.png",
+            "results/tables/task_vectors.md",
+            *(["results/tables/tuning.md"] if tuning_records() else []),
+        ]
+        + [path for study in STUDIES for path in study.final_outputs()]
+        + EXTRA_FINAL_OUTPUT
+    )
 
 
 def bases_with_source(source):
@@ -295,9 +297,13 @@ def get_method_source(wildcards):
 
 def tuning_records():
     """Every tuning record the grid writes (tuned engine methods on grid bases)."""
-    return [f"results/tuning/{base}/{m}/{c}.json" for base in GRID_BASES
-            for m in METHODS if "method" in METHODS[m] and METHODS[m].get("tune")
-            for c in method_combos(m, base)]
+    return [
+        f"results/tuning/{base}/{m}/{c}.json"
+        for base in GRID_BASES
+        for m in METHODS
+        if "method" in METHODS[m] and METHODS[m].get("tune")
+        for c in method_combos(m, base)
+    ]
 
 
 def get_tuning_record(wildcards):
@@ -356,7 +362,6 @@ def get_merge_data_inputs(wildcards):
     return inputs
 
 
-
 # --- resources of every job (mergescale.resources): memory from the checkpoints a job
 # holds, a GPU for forward passes when the run declares GPUs, wall time from the size.
 def _declared_gpus():
@@ -406,15 +411,17 @@ def rule_resources(rule_name, work=None):
     def mem_mb(wildcards, attempt):
         base, k, w = plan(wildcards)
         gpu = gpus_for(rule_name, DECLARED_GPUS, w) > 0
-        mb = memory_mb(rule_name, model_size(config, base), k, config["merge"]["dtype"], gpu, w,
-                       config["evaluate"]["backend"])
+        mb = memory_mb(
+            rule_name, model_size(config, base), k, config["merge"]["dtype"], gpu, w, config["evaluate"]["backend"]
+        )
         return int(mb * (1 + 0.5 * (attempt - 1)))  # a retry gets half as much again
 
     def runtime(wildcards, attempt):
         base, k, w = plan(wildcards)
         train = train_settings(rule_name, wildcards, base) if w.kind == "train" else {}
-        minutes = runtime_min(rule_name, model_size(config, base), k, train.get("steps", 0),
-                              train.get("batch_size", 0), w)
+        minutes = runtime_min(
+            rule_name, model_size(config, base), k, train.get("steps", 0), train.get("batch_size", 0), w
+        )
         return minutes * attempt
 
     def gpu(wildcards):
@@ -453,9 +460,11 @@ def evaluate_work(wildcards):
 # Fail before any job runs: what the jobs need that the profile or this environment
 # cannot give. The profile is checked when the workflow is parsed; the environment when
 # jobs are about to run (a dry run only plans, e.g. on a login node without vllm).
-FORWARD_RULES = [r for r, w in RESOURCE_WORK.items() if w.forward and r != "merge_rule_method"] + (
-    ["merge"] if any(merge_work(get_method(s["method"])).forward for s in METHODS.values() if "method" in s) else []
-) + (["merge_rule_method"] if any(work_of_rule_method(METHODS[m]["rule"]).forward for m in RULE_METHODS) else [])
+FORWARD_RULES = (
+    [r for r, w in RESOURCE_WORK.items() if w.forward and r != "merge_rule_method"]
+    + (["merge"] if any(merge_work(get_method(s["method"])).forward for s in METHODS.values() if "method" in s) else [])
+    + (["merge_rule_method"] if any(work_of_rule_method(METHODS[m]["rule"]).forward for m in RULE_METHODS) else [])
+)
 check_gpu_placement(FORWARD_RULES, DECLARED_GPUS, workflow.resource_settings.overwrite_resources or {}, cluster=False)
 
 

@@ -5,11 +5,11 @@ rule make_task_data:
         "results/logs/make_task_data/{task}.log",
     wildcard_constraints:
         task=one_of(DATA_TASKS),
+    conda:
+        SOFTWARE
     params:
         sizes=lambda wc: config["data"]["sizes"],  # data is optional (lm-eval tasks only)
         seed=config["seed"],
-    conda:
-        SOFTWARE
     script:
         "../scripts/make_task_data.py"
 

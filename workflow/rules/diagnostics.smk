@@ -8,13 +8,13 @@ rule compute_task_vector_stats:
         "results/tables/task_vectors/{base}.json",
     log:
         "results/logs/task_vector_stats/{base}.log",
-    params:
-        tasks=HELD_IN,
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("compute_task_vector_stats", task_vector_work),
-    conda:
-        SOFTWARE
+    params:
+        tasks=HELD_IN,
     script:
         "../scripts/task_vector_stats.py"
 

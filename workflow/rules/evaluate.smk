@@ -15,14 +15,14 @@ rule evaluate:
         "results/benchmarks/evaluate/{model}.tsv"
     wildcard_constraints:
         model=r"(bases|experts|multitask|merged|ensembles)/[^/]+(/[^/]+){0,2}|sparse/[^/]+/[^/]+/c\d+/[^/]+",
-    params:
-        **evaluate_params(),
-        chat_template=lambda wc: uses_chat_template(wc.model.split("/")[1]),
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("evaluate", evaluate_work),
-    conda:
-        SOFTWARE
+    params:
+        **evaluate_params(),
+        chat_template=lambda wc: uses_chat_template(wc.model.split("/")[1]),
     script:
         "../scripts/evaluate.py"
 
@@ -46,14 +46,14 @@ rule evaluate_batch:
         "results/benchmarks/evaluate_batch/{group}.tsv"
     wildcard_constraints:
         group=one_of(list(EVAL_BATCHES)),
-    params:
-        **evaluate_params(),
-        chat_template=False,  # batches hold no chat models (eval_batches)
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("evaluate_batch"),
-    conda:
-        SOFTWARE
+    params:
+        **evaluate_params(),
+        chat_template=False,  # batches hold no chat models (eval_batches)
     script:
         "../scripts/evaluate_batch.py"
 
@@ -67,17 +67,17 @@ rule unbatch_scores:
         lambda wc: f"results/evals/batches/{BATCH_OF[wc.model]}.json",
     output:
         "results/evals/{model}/scores.json",
+    log:
+        "results/logs/unbatch_scores/{model}.log",
     wildcard_constraints:
         model=one_of(BATCHED_MODELS),
+    # a shell command: a Python rule (run:) would parse the whole workflow again per model
+    conda:
+        SOFTWARE
     params:
         model_dir="results/{model}",
         python=sys.executable,
         src=str(Path(workflow.basedir).parent / "src"),  # this workflow's package, as in common.smk
-    log:
-        "results/logs/unbatch_scores/{model}.log",
-    # a shell command: a Python rule (run:) would parse the whole workflow again per model
-    conda:
-        SOFTWARE
     shell:
         "PYTHONPATH={params.src}${{PYTHONPATH:+:$PYTHONPATH}} "
         "{params.python} -m mergescale.evaluate.batch_member {input} {params.model_dir} {output} > {log} 2>&1"

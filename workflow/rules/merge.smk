@@ -13,16 +13,16 @@ rule merge:
         "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
     wildcard_constraints:
         method=engine_methods(),  # rule-methods write their own outputs
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("merge", merge_rule_work),
     params:
         method=lambda wc: METHODS[wc.method]["method"],
         params=lambda wc: METHODS[wc.method].get("params", {}),
         dtype=config["merge"]["dtype"],
         seed=config["seed"],
-    threads: 1
-    resources:
-        **rule_resources("merge", merge_rule_work),
-    conda:
-        SOFTWARE
     script:
         "../scripts/merge.py"
 
@@ -40,6 +40,11 @@ rule tune:
         "results/logs/tune/{base}/{method}/{combo}.log",
     benchmark:
         "results/benchmarks/tune/{base}/{method}/{combo}.tsv"
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("tune"),
     params:
         method=lambda wc: METHODS[wc.method]["method"],
         tune=lambda wc: METHODS[wc.method]["tune"],
@@ -49,11 +54,6 @@ rule tune:
         seed=config["seed"],
         batch_size=config["evaluate"]["batch_size"],
         limit=config["evaluate"]["limit"],
-    threads: 1
-    resources:
-        **rule_resources("tune"),
-    conda:
-        SOFTWARE
     script:
         "../scripts/tune.py"
 
@@ -71,6 +71,11 @@ rule merge_rule_method:
         "results/benchmarks/merge_rule_method/{method}/{base}/{combo}.tsv"
     wildcard_constraints:
         method=generic_rule_methods(),
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("merge_rule_method", rule_method_work),
     params:
         rule=rule_method_name,
         params=method_params,
@@ -78,10 +83,5 @@ rule merge_rule_method:
         evaluate=EVALUATE_SETTINGS,
         dtype=config["merge"]["dtype"],
         seed=config["seed"],
-    threads: 1
-    resources:
-        **rule_resources("merge_rule_method", rule_method_work),
-    conda:
-        SOFTWARE
     script:
         "../scripts/merge_rule_method.py"

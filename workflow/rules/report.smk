@@ -5,18 +5,16 @@ rule aggregate_scores:
         scores=report("results/tables/scores.csv", caption="../report/scores.rst", category="Tables"),
         summary=report("results/tables/summary.md", caption="../report/summary.rst", category="Tables"),
         latex=report("results/tables/summary.tex", caption="../report/summary.rst", category="Tables"),
-        normalized=report(
-            "results/tables/normalized.csv", caption="../report/normalized.rst", category="Tables"
-        ),
+        normalized=report("results/tables/normalized.csv", caption="../report/normalized.rst", category="Tables"),
     log:
         "results/logs/aggregate.log",
+    conda:
+        SOFTWARE
     params:
         held_in=HELD_IN,
         held_out=HELD_OUT,
         combos=COMBOS,
         base_labels=BASE_LABELS,
-    conda:
-        SOFTWARE
     script:
         "../scripts/aggregate.py"
 
@@ -60,9 +58,9 @@ rule plot_figures:
         ),
     log:
         "results/logs/plot.log",
-    params:
-        qualities=QUALITIES,
     conda:
         SOFTWARE
+    params:
+        qualities=QUALITIES,
     script:
         "../scripts/plot.py"

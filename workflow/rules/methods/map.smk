@@ -18,6 +18,11 @@ rule merge_map:
         "results/benchmarks/merge_rule_method/{method}/{base}/{combo}.tsv"
     wildcard_constraints:
         method=methods_using("map"),
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("merge_map"),
     params:
         rule=rule_method_name,
         params=method_params,
@@ -25,11 +30,6 @@ rule merge_map:
         evaluate=EVALUATE_SETTINGS,
         dtype=config["merge"]["dtype"],
         seed=config["seed"],
-    threads: 1
-    resources:
-        **rule_resources("merge_map"),
-    conda:
-        SOFTWARE
     script:
         "../../scripts/merge_rule_method.py"
 

@@ -19,16 +19,16 @@ if CROSS_SEED:
         wildcard_constraints:
             xmethod="|".join(CROSS_SEED.methods),
             combo="|".join(CROSS_SEED.combos),
+        conda:
+            SOFTWARE
+        threads: 1
+        resources:
+            **rule_resources("merge_cross_seed"),
         params:
             max_iter=CROSS_SEED.max_iter,
             pleas=CROSS_SEED.pleas,
             dtype=config["merge"]["dtype"],
             seed=config["seed"],
-        threads: 1
-        resources:
-            **rule_resources("merge_cross_seed"),
-        conda:
-            SOFTWARE
         script:
             "../../scripts/weight_matching.py"
 
@@ -47,6 +47,11 @@ if CROSS_SEED:
             "results/logs/barrier.log",
         benchmark:
             "results/benchmarks/barrier.tsv"
+        conda:
+            SOFTWARE
+        threads: 1
+        resources:
+            **rule_resources("measure_barrier"),
         params:
             expert_tasks=CROSS_SEED.expert_pairs,
             score_tasks=CROSS_SEED.score_tasks,
@@ -54,11 +59,6 @@ if CROSS_SEED:
             max_iter=CROSS_SEED.max_iter,
             batch_size=config["evaluate"]["batch_size"],
             seed=config["seed"],
-        threads: 1
-        resources:
-            **rule_resources("measure_barrier"),
-        conda:
-            SOFTWARE
         script:
             "../../scripts/barrier.py"
 

@@ -25,6 +25,11 @@ if SPARSE_SOUPS:
             base=one_of(SPARSE_SOUPS.bases),
             task=one_of(SPARSE_SOUPS.tasks),
             cycle=one_of([str(c) for c in SPARSE_SOUPS.cycles]),
+        conda:
+            SOFTWARE
+        threads: 1
+        resources:
+            **rule_resources("run_sparse_soup_cycle"),
         params:
             sparsity=lambda wc: SPARSE_SOUPS.sparsities[int(wc.cycle) - 1],
             settings=lambda wc: SPARSE_SOUPS.copy_settings(int(wc.cycle)),
@@ -35,11 +40,6 @@ if SPARSE_SOUPS:
                 "limit": config["evaluate"]["limit"],
                 "seed": config["seed"],
             },
-        threads: 1
-        resources:
-            **rule_resources("run_sparse_soup_cycle"),
-        conda:
-            SOFTWARE
         script:
             "../../scripts/sparse_soup_cycle.py"
 
@@ -54,10 +54,10 @@ if SPARSE_SOUPS:
             pdf="results/plots/sparse_soups.pdf",
         log:
             "results/logs/report_sparse_soups.log",
-        params:
-            bases=[base for base, _, _ in SPARSE_SOUPS.units()],  # the base of each card
         localrule: True
         conda:
             SOFTWARE
+        params:
+            bases=[base for base, _, _ in SPARSE_SOUPS.units()],  # the base of each card
         script:
             "../../scripts/report_sparse_soups.py"
