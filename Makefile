@@ -63,7 +63,7 @@ dryrun: $(STAMP)
 
 # Tables, figures, findings and the HTML report from the scores already there: only the
 # light rules may run (nothing is trained, merged or evaluated again).
-REPORT_RULES := aggregate findings plot report_sparse_soups all
+REPORT_RULES := aggregate_scores write_findings plot_figures report_sparse_soups all
 # The config that made results/: CONFIG when given, else the one results/run.json names
 # (make study records it), else the default.
 REPORT_CONFIG = $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(or $(shell \
@@ -71,11 +71,11 @@ REPORT_CONFIG = $(if $(filter command line,$(origin CONFIG)),$(CONFIG),$(or $(sh
 # Then the results page, docs/results.md (figures in docs/figures/), with the other-methods
 # grid's table when that grid has run.
 report: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile $(REPORT_CONFIG) --allowed-rules $(REPORT_RULES) --forcerun aggregate
+	$(BIN)/snakemake --cores $(CORES) --configfile $(REPORT_CONFIG) --allowed-rules $(REPORT_RULES) --forcerun aggregate_scores
 	$(BIN)/snakemake --configfile $(REPORT_CONFIG) --report results/report.html
 	if [ -f $(METHODS_CONFIG) ] && [ -d $(METHODS_DIR)/results/evals ]; then \
 		$(BIN)/snakemake --cores $(CORES) --configfile $(METHODS_CONFIG) --directory $(METHODS_DIR) \
-		--allowed-rules $(REPORT_RULES) --forcerun aggregate; fi
+		--allowed-rules $(REPORT_RULES) --forcerun aggregate_scores; fi
 	$(BIN)/mergescale results results -o docs/results.md --figures docs/figures \
 		$$([ -f $(METHODS_DIR)/results/tables/normalized.csv ] && echo --methods $(METHODS_DIR)/results)
 

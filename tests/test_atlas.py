@@ -87,19 +87,27 @@ def test_expert_with_a_missing_tensor_is_named(base_and_experts):
         TaskVectorModel(model, base, [broken], blocking="model")
 
 
-def test_atlas_plan_and_config_errors():
+def test_atlas_entries_are_rule_methods_checked_with_the_config():
+    import copy
     from pathlib import Path
 
     import yaml
 
-    from mergescale.rule_methods.atlas_plan import atlas_plan
-    from mergescale.config import ConfigError, check_schema
+    from mergescale.config import ConfigError, check_schema, check_semantics
+    from mergescale.rule_methods.registry import get_rule_method
 
     config = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
     check_schema(config)
-    combos = {"k2s0": ["a", "b"], "k6s0": list("abcdef")}
-    plan = atlas_plan(config, combos)
-    assert plan == {"merged/tiny-s/atlas/k2s0": ["a", "b"], "merged/tiny-s/task_arithmetic_tuned/k2s0": ["a", "b"]}
-    config["atlas"]["bases"] = ["tiny-x"]
-    with pytest.raises(ConfigError, match="atlas.bases: 'tiny-x'"):
-        atlas_plan(config, combos)
+    methods = config["merge"]["methods"]
+    assert methods["atlas"]["rule"] == "atlas" and methods["task_arithmetic_tuned"]["rule"] == "task_arithmetic_tuned"
+    assert get_rule_method("atlas").resolve({}) == {"examples": 16, "blocks": "tensor", "steps": 100,
+                                                     "lr": 0.05, "init": 0.3}
+    assert get_rule_method("task_arithmetic_tuned").needs == ("validation_data",)
+    bad = copy.deepcopy(config)
+    bad["merge"]["methods"]["atlas"]["params"]["lr"] = 0
+    with pytest.raises(ConfigError, match=r"merge.methods.atlas: params.lr=0.0 is outside \(0, inf\)"):
+        check_semantics(bad)
+    bad = copy.deepcopy(config)
+    bad["merge"]["methods"]["atlas"]["bases"] = ["tiny-x"]
+    with pytest.raises(ConfigError, match="merge.methods.atlas.bases"):
+        check_semantics(bad)

@@ -51,11 +51,11 @@ def expected_jobs(config: dict) -> dict[str, int]:
         "compute_stats": len(bases) * len(held_in) if any(m.needs_stats_rule for m in registered) else 0,
         "merge": len(bases) * n_methods * n_combos,
         "tune": len(bases) * n_combos * sum(bool(m.get("tune")) for m in config["merge"]["methods"].values()),
-        "ensemble": len(bases) * n_combos * int(ensemble),
+        "build_ensemble": len(bases) * n_combos * int(ensemble),
         "evaluate": len(bases) * (1 + len(held_in) + multitask_models + (n_methods + int(ensemble)) * n_combos),
-        "aggregate": 1, "findings": 1, "plot": 1, "all": 1,
-        "task_vector_stats": len(bases), "task_vector_table": 1,
-        "tuning_table": int(any(m.get("tune") for m in config["merge"]["methods"].values())),
+        "aggregate_scores": 1, "write_findings": 1, "plot_figures": 1, "all": 1,
+        "compute_task_vector_stats": len(bases), "write_task_vector_table": 1,
+        "write_tuning_table": int(any(m.get("tune") for m in config["merge"]["methods"].values())),
     }
     return {rule: n for rule, n in counts.items() if n}
 
@@ -81,8 +81,8 @@ LARGEST = {"mergebench": ("gemma-2-9b", 9.24e9, 256000 * 3584),
 # Rules that run on the submit host (localrules) and hold no model.
 LIGHT = {"download_base", "download_expert", "export_lm_eval_train", "export_lm_eval_validation",
          "make_task_data", "render_task",
-         "render_lm_eval_validation", "ensemble", "unbatch_scores", "aggregate", "findings", "plot",
-         "task_vector_table", "tuning_table", "all"}
+         "render_lm_eval_validation", "build_ensemble", "unbatch_scores", "aggregate_scores", "write_findings",
+         "plot_figures", "write_task_vector_table", "write_tuning_table", "all"}
 
 
 def _held_bytes(rule: str, work, k: int, params: float, embedding: int) -> float:
@@ -230,9 +230,9 @@ def test_fetched_base_and_experts_run_through_the_dag(tmp_path):
     work = tmp_path / "work"
     assert planned_jobs(work, config=path) == {
         "make_task_data": 4, "render_task": 4, "download_base": 1, "download_expert": 3,
-        "merge": 1, "ensemble": 1, "evaluate": 2, "evaluate_batch": 1, "unbatch_scores": 4,
-        "task_vector_stats": 1, "task_vector_table": 1,
-        "aggregate": 1, "findings": 1, "plot": 1, "all": 1}
+        "merge": 1, "build_ensemble": 1, "evaluate": 2, "evaluate_batch": 1, "unbatch_scores": 4,
+        "compute_task_vector_stats": 1, "write_task_vector_table": 1,
+        "aggregate_scores": 1, "write_findings": 1, "plot_figures": 1, "all": 1}
     snakemake(work, "--cores", "2", config=path, timeout=1200)
     scores = pd.read_csv(work / "results/tables/scores.csv")
     assert sorted(scores.kind.unique()) == ["base", "ensemble", "expert", "merged"]
@@ -261,7 +261,7 @@ def test_tuning_fits_and_rule_methods_plan_on_public_tasks(tmp_path):
     held_in = len(config["tasks"]["held_in"])
     assert jobs["export_lm_eval_validation"] == held_in
     assert jobs["render_lm_eval_validation"] == held_in  # tuning and MAP score on them
-    assert jobs["tune"] == 1 and jobs["twin_merging"] == 1 and jobs["merge_map"] == 1 and jobs["merge"] == 4
+    assert jobs["tune"] == 1 and jobs["merge_rule_method"] == 1 and jobs["merge_map"] == 1 and jobs["merge"] == 4
 
 
 def test_a_held_in_task_without_validation_rows_names_the_key():

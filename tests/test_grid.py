@@ -121,8 +121,9 @@ def test_tune_on_a_method_without_grid_is_a_config_error():
         check_semantics(config)
 
 
-RULE_OF_METHOD_RULE = {"twin_merging": "twin_merging", "opcm": "merge_opcm", "map": "merge_map",
-                       "lora_lego": "merge_lora_lego"}
+RULE_OF_METHOD_RULE = {"twin_merging": "merge_rule_method", "opcm": "merge_opcm", "map": "merge_map",
+                       "lora_lego": "merge_rule_method", "atlas": "merge_rule_method",
+                       "task_arithmetic_tuned": "merge_rule_method"}
 FIGURE_RULES = {"opcm": "plot_continual", "map": "report_map"}
 
 
@@ -184,17 +185,17 @@ def expected_study_jobs(config: dict) -> dict[str, int]:
         "compute_stats": len(held_in) * sum(
             any(get_method(s["method"]).needs_stats_rule and n_combos(b, s) for s in engine.values())
             for b in bases),
-        "ensemble": sum(n_combos(b) for b in bases) * int(ensemble),
+        "build_ensemble": sum(n_combos(b) for b in bases) * int(ensemble),
         "evaluate": alone + sum(n_combos(b) * int(ensemble)
                                 + sum(n_combos(b, s) for s in methods.values() if "rule" in s) for b in bases),
         "evaluate_batch": batches,
         "unbatch_scores": unbatched,
-        "aggregate": 1, "findings": 1, "plot": 1, "all": 1,
-        "task_vector_stats": n_bases, "task_vector_table": 1,
-        "tuning_table": int(any(s.get("tune") for s in engine.values())),
+        "aggregate_scores": 1, "write_findings": 1, "plot_figures": 1, "all": 1,
+        "compute_task_vector_stats": n_bases, "write_task_vector_table": 1,
+        "write_tuning_table": int(any(s.get("tune") for s in engine.values())),
     }
     if n_source["variant"]:
-        jobs["variant_base"] = n_source["variant"]
+        jobs["link_variant_base"] = n_source["variant"]
     for spec in methods.values():
         if "rule" in spec:
             rule = RULE_OF_METHOD_RULE[spec["rule"]]
@@ -205,7 +206,7 @@ def expected_study_jobs(config: dict) -> dict[str, int]:
     if sparse:  # one job per (base, task, cycle); soup and best copy, batched per (base, task)
         pairs = len(sparse.get("bases", list(bases)[:1])) * len(sparse.get("tasks", held_in[:1]))
         cycles = pairs * len(sparse["sparsities"])
-        jobs["sparse_soup_cycle"] = cycles
+        jobs["run_sparse_soup_cycle"] = cycles
         jobs["evaluate_batch"] += pairs
         jobs["unbatch_scores"] += 2 * cycles
         jobs["report_sparse_soups"] = 1

@@ -190,7 +190,7 @@ def test_corrupt_adapter_config_is_named(models, tmp_path):
 
 def test_params_are_checked_with_the_key():
     assert resolve_params("lora_lego", None) == {"rank": 0, "iters": 50}
-    with pytest.raises(ValueError, match="params.rnak is not a hyperparameter of rule lora_lego"):
+    with pytest.raises(ValueError, match=r"params.rnak is not a hyperparameter of rule-method lora_lego \(did you mean rank\?\)"):
         resolve_params("lora_lego", {"rnak": 2}, where="params.")
     with pytest.raises(MergeInputError, match="rank"):
         resolve_params("lora_lego", {"rank": -1}, where="params.")
@@ -317,10 +317,10 @@ def test_dry_run_honours_variant_base_ks_and_method_bases(tmp_path):
     path.write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     jobs = planned_jobs(run, config=path)
-    assert jobs["variant_base"] == 1 and jobs["merge_lora_lego"] == 1
+    assert jobs["link_variant_base"] == 1 and jobs["merge_rule_method"] == 1
     assert jobs["finetune_expert"] == 2 * len(config["tasks"]["held_in"])
     assert jobs["finetune_multitask"] == 2 + 1  # the variant's only at k=2
-    assert planned_outputs(run, "merge_lora_lego", config=path) == ["results/merged/v/lego/k2s0"]
+    assert planned_outputs(run, "merge_rule_method", config=path) == ["results/merged/v/lego/k2s0"]
     engine = sorted(o for o in planned_outputs(run, "merge", config=path) if o.startswith("results/merged/v/"))
     assert engine == sorted(f"results/merged/v/{m}/k2s0" for m in ("average", "task_arithmetic", "ties",
                                                                       "dare_ties"))

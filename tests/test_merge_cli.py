@@ -55,7 +55,7 @@ def test_parse_mergekit_yaml(models, tmp_path):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda y: y.replace("merge_method: ties", "merge_method: tie"), "Did you mean: ties"),
+    (lambda y: y.replace("merge_method: ties", "merge_method: tie"), r"\(did you mean ties, dare_ties\?\)"),
     (lambda y: y + "slices: []\n", "models, slices: give exactly one of them"),
     (lambda y: y + "tokenizer: {source: base}\n", "tokenizer: tokenizer surgery"),
     (lambda y: y + "chat_template: chatml\n", "chat_template: chat template selection"),
@@ -66,7 +66,7 @@ def test_parse_mergekit_yaml(models, tmp_path):
     (lambda y: y + "colour: red\n", "colour: unknown key"),
     (lambda y: y.replace("density: 0.3", "density: {fliter: mlp, value: 0.5}"), r"parameters.density\[0\].fliter: unknown key"),
     (lambda y: y.replace("density: 0.3", "density: []"), "parameters.density: expected a value"),
-    (lambda y: y.replace("density: 0.5}", "densty: 0.5}"), r"models\[1\].*'densty'"),
+    (lambda y: y.replace("density: 0.5}", "densty: 0.5}"), r"models\[1\].*densty"),
     (lambda y: y.replace("density: 0.5}", "density: 1.5}"), r"models\[1\].density=1.5 is outside"),
     (lambda y: y.replace("dtype: bfloat16", "dtype: int4"), "dtype: 'int4'"),
     (lambda y: y.replace("models:\n  - model:", "models:\n  - model: /nonexistent\n  - model:", 1),
@@ -166,6 +166,21 @@ def test_cli_methods_json(capsys):
     density = next(h for h in methods["ties"]["hyperparameters"] if h["name"] == "density")
     assert density["per_expert"] and density["range"] == "(0, 1]" and density["default"] == 1.0
     assert methods["dare_ties"]["randomised"] and methods["ties"]["needs_base"]
+
+
+def test_cli_methods_lists_rule_methods_too(capsys):
+    assert main(["methods", "--json"]) == 0
+    methods = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    rules = {"twin_merging", "opcm", "map", "lora_lego", "atlas", "task_arithmetic_tuned"}
+    assert rules <= set(methods)
+    assert {methods[n]["kind"] for n in rules} == {"rule"} and methods["ties"]["kind"] == "per-tensor"
+    assert methods["twin_merging"]["output"] == "model_spec" and methods["atlas"]["output"] == "checkpoint"
+    assert methods["twin_merging"]["needs"] == ["validation_data"] and methods["opcm"]["own_rule"]
+    alpha = next(h for h in methods["opcm"]["hyperparameters"] if h["name"] == "alpha")
+    assert alpha["default"] == 0.5 and alpha["range"] == "[0, 1]"
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    assert "\nper-tensor  ties [base]:" in text and "\nrule        atlas [validation_data, checkpoint]:" in text
 
 
 def test_cli_methods_text(capsys):

@@ -1,7 +1,7 @@
-"""Adding merge methods as README.md says, both ways, in a copy of the workflow.
+"""Adding merge methods as docs/adding-a-method.md says, both kinds, in a copy of the workflow.
 
-The files of README's "Adding a merge method" section are written into a copy of the
-repository exactly as the README shows them; a slice of the smoke config (k=2, one
+The files of docs/adding-a-method.md are written into a copy of the repository exactly
+as the page shows them; a slice of the smoke config (k=2, one
 subset) then runs the toy methods, the built-in rule-method twin_merging and the plain
 average through Snakemake, real training and lm-eval included.
 """
@@ -24,10 +24,9 @@ from mergescale.tasks.combos import expert_subsets
 from workflow_helpers import REPO, SMOKE_CONFIG
 
 
-def readme_files_and_config() -> tuple[dict[str, str], dict]:
-    """{path: text} of every "File `path`:" block of the section, and its config block."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Adding a merge method", 1)[1].split("\n## ", 1)[0]
+def docs_files_and_config() -> tuple[dict[str, str], dict]:
+    """{path: text} of every "File `path`:" block of the page, and its config block."""
+    section = (REPO / "docs" / "adding-a-method.md").read_text()
     files = dict(re.findall(r"File `([^`]+)`:\n\n```\w*\n(.*?)```", section, flags=re.S))
     config = re.search(r"under `merge.methods`:\n\n```yaml\n(.*?)```", section, flags=re.S).group(1)
     return files, yaml.safe_load(config)
@@ -63,9 +62,10 @@ def copied(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "results", ".snakemake")
     for part in ("workflow", "src", "config"):
         shutil.copytree(REPO / part, repo / part, ignore=ignore)
-    files, methods = readme_files_and_config()
-    assert set(files) == {"src/mergescale/merge/methods/median.py", "workflow/rules/methods/copy_first.smk",
-                          "workflow/scripts/copy_first.py"}
+    files, methods = docs_files_and_config()
+    # a plain rule-method is one module plus one config line
+    assert set(files) == {"src/mergescale/merge/methods/median.py", "src/mergescale/rule_methods/copy_first.py"}
+    assert methods["copy_first"] == {"rule": "copy_first"}
     for path, text in files.items():
         (repo / path).write_text(text)
     config = repo / "config" / "slice.yaml"
@@ -93,17 +93,17 @@ def test_config_naming_a_missing_rule_fails_before_any_job(copied, tmp_path):
     config = slice_config({"nope": {"rule": "no_such_rule"}})
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(AssertionError, match=r"merge.methods.nope.rule: no rule 'no_such_rule'"):
+    with pytest.raises(AssertionError, match=r"merge.methods.nope.rule: no rule-method 'no_such_rule'"):
         run_snakemake(repo, path, "-n")
 
 
-def test_each_method_is_merged_by_its_own_rule(copied):
+def test_engine_methods_and_rule_methods_are_merged_by_the_two_generic_rules(copied):
     repo, config = copied
     proc = run_snakemake(repo, config, "-n")
     jobs = re.findall(r"^rule (\w+):\n(?:.*\n)*?\s+output: (\S+)", proc.stdout, flags=re.M)
     merged = {out.split("/")[3]: rule for rule, out in jobs if out.startswith("results/merged/")}
-    assert merged == {"average": "merge", "median": "merge", "copy_first": "copy_first",
-                      "twin_merging": "twin_merging"}
+    assert merged == {"average": "merge", "median": "merge", "copy_first": "merge_rule_method",
+                      "twin_merging": "merge_rule_method"}
 
 
 @pytest.mark.slow
@@ -144,7 +144,8 @@ def test_twin_merging_is_evaluated_from_its_model_spec(ran):
     average = scores[(scores.method == "average") & scores.trained_on]
     # Routing each input to its task's exclusive part recovers expert skill averaging loses.
     assert twin.value.mean() >= average.value.mean()
-    assert (ran / "results/benchmarks/merge/smoke/twin_merging").is_dir()
+    assert (ran / "results/benchmarks/merge_rule_method/twin_merging/smoke").is_dir()
+    assert (ran / f"results/logs/merge_rule_method/twin_merging/smoke/{merged.name}.log").is_file()
 
 
 def test_rule_method_output_is_atomic_and_carries_the_card(tmp_path):

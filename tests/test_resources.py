@@ -16,6 +16,7 @@ from mergescale.resources import (
     memory_mb,
     merge_work,
     model_size,
+    rule_method_work,
     runtime_min,
     size_from_hf_config,
     size_from_name,
@@ -85,14 +86,14 @@ def test_memory_follows_what_a_job_holds():
     assert stream < 6 * weights_mb  # a streaming merge never holds the 6 whole models
     assert fit > 7 * weights_mb  # base, 5 experts and the merged model
     assert stream < stats_stream < fit
-    assert memory_mb("twin_merging", NINE_B, 4, "bfloat16", True) < memory_mb("twin_merging", NINE_B, 5, "bfloat16", True)
+    assert memory_mb("merge_rule_method", NINE_B, 4, "bfloat16", True) < memory_mb("merge_rule_method", NINE_B, 5, "bfloat16", True)
     on_cpu, on_gpu = (memory_mb("finetune_expert", NINE_B, 1, "bfloat16", g) for g in (False, True))
     assert on_cpu > NINE_B.parameters * 16 / 2**20 > on_gpu > NINE_B.parameters * 8 / 2**20
 
 
 def test_runtime_grows_with_size_and_work():
     small = ModelSize(500_000_000, 136_000_000, "test")
-    for rule in ("evaluate", "merge", "twin_merging", "compute_stats"):
+    for rule in ("evaluate", "merge", "merge_rule_method", "compute_stats"):
         assert runtime_min(rule, small, 5) < runtime_min(rule, NINE_B, 5)
     assert runtime_min("finetune_expert", NINE_B, 1, steps=100, batch=32) < \
         runtime_min("finetune_expert", NINE_B, 1, steps=1000, batch=32)
@@ -102,11 +103,12 @@ def test_gpu_only_for_forward_passes_and_only_where_declared():
     assert gpus_for("evaluate", None) == 0  # a local run that declares no GPUs
     assert gpus_for("evaluate", 0) == 0  # a cluster without GPUs
     assert gpus_for("evaluate", 4) == gpus_for("finetune_expert", 4) == gpus_for("tune", 4) == 1
-    assert gpus_for("merge", 4) == gpus_for("merge_lora_lego", 4) == 0
+    assert gpus_for("merge", 4) == gpus_for("merge_rule_method", 4, rule_method_work("lora_lego")) == 0
+    assert gpus_for("merge_rule_method", 4, rule_method_work("twin_merging")) == 1
     assert gpus_for("merge", 4, merge_work(get_method("regmean_plus_plus"))) == 1
     assert gpus_for("merge", 4, merge_work(get_method("ties"))) == 0
-    assert [r for r, w in WORK.items() if not w.forward] == ["merge", "merge_lora_lego", "import_base",
-                                                           "task_vector_stats"]
+    assert [r for r, w in WORK.items() if not w.forward] == ["merge", "import_base",
+                                                           "compute_task_vector_stats"]
 
 
 def test_gpu_placement_errors_name_the_key():

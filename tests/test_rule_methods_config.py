@@ -27,12 +27,15 @@ def test_default_config_names_both_rule_methods():
 
 @pytest.mark.parametrize("entry, message", [
     ({"rule": "opcm", "params": {"alpha": 1.5}}, r"merge.methods.x: params.alpha=1.5 is outside"),
-    ({"rule": "opcm", "params": {"order": 2}}, r"merge.methods.x: params.order is not a hyperparameter .*orders"),
+    ({"rule": "opcm", "params": {"order": 2}}, r"merge.methods.x: params.order is not a hyperparameter of rule-method opcm \(did you mean orders\?\)"),
     ({"rule": "map", "params": {"front_points": 0}}, r"merge.methods.x: params.front_points=0"),
-    ({"rule": "mpa"}, r"merge.methods.x.rule: no rule .mpa.: no rule file .*mpa.smk \(did you mean map\?\)"),
+    ({"rule": "mpa"}, r"merge.methods.x.rule: no rule-method .mpa. \(did you mean map\?\); registered: .*opcm"),
     ({"rule": "opcm", "method": "linear"}, r"merge.methods.x"),  # one of method / rule
-    # Twin-Merging checks its nested params itself, through the same registry
-    ({"rule": "twin_merging", "params": {"rank": 0}}, r"merge.methods.x: params.rank: expected a positive"),
+    # Twin-Merging's flat params by the shared checker, its nested ones by its own check
+    ({"rule": "twin_merging", "params": {"rank": 0}}, r"merge.methods.x: params.rank=0 is outside \[1, inf\)"),
+    ({"rule": "twin_merging", "params": {"shared_method": "slerp"}},
+     r"merge.methods.x: params.shared_method: 'slerp' is not one of \['task_arithmetic', 'ties'\]"),
+    ({"rule": "atlas", "params": {"blocks": "row"}}, r"merge.methods.x: params.blocks: 'row' is not one of"),
     ({"rule": "twin_merging", "params": {"shared_params": {"density": 3}}},
      r"merge.methods.x: params.shared_params: density=3"),
 ])

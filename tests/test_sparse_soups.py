@@ -307,7 +307,7 @@ def test_default_config_plans_the_cycles(tmp_path):
     without.write_text(yaml.safe_dump(config))
     (tmp_path / "w").mkdir()
     base = planned_jobs(tmp_path / "w", config=without)
-    assert jobs["sparse_soup_cycle"] == 2 and jobs["report_sparse_soups"] == 1
+    assert jobs["run_sparse_soup_cycle"] == 2 and jobs["report_sparse_soups"] == 1
     # soup and best copy per cycle, scored in one batch (evaluate.batch) and split
     assert jobs["evaluate_batch"] - base["evaluate_batch"] == 1
     assert jobs["unbatch_scores"] - base["unbatch_scores"] == 4

@@ -18,9 +18,10 @@ from mergescale.models.llama import TinyShape, new_llama, save_model
 from mergescale.tasks import get_family
 from mergescale.models.tokenizer import build_char_tokenizer
 from mergescale.rule_methods.twin_merging import (
-    ROUTER_FILE, SHARED_DIR, TwinParams, build_twin, check_params, compress, load_parts,
+    ROUTER_FILE, SHARED_DIR, TwinParams, build_twin, compress, load_parts,
     load_twin, materialize, reconstruct,
 )
+from mergescale.rule_methods.registry import resolve_params
 
 TASKS = ["first_letter", "larger_number", "next_letter"]
 ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789 =,:\n") + [chr(c) for c in range(65, 91)]
@@ -66,8 +67,9 @@ def _build(models, rank: int, name: str) -> tuple[Path, dict]:
     root, base, experts, validation = models
     out = root / name
     card = build_twin(base=base, experts=experts, tasks=TASKS, validation_files=validation, out_dir=out,
-                      params=TwinParams(rank=rank, shared_method="task_arithmetic",
-                                        shared_params={"lambda": 0.4}, router_steps=200),
+                      params=TwinParams(**resolve_params("twin_merging", {
+                          "rank": rank, "shared_method": "task_arithmetic", "shared_params": {"lambda": 0.4},
+                          "router_steps": 200})),
                       log_fn=lambda _: None)
     return out, card
 
@@ -202,13 +204,18 @@ def test_registered_lm_eval_class_generates_like_the_expert(models, full_rank, t
 
 
 def test_bad_params_name_the_key():
-    from mergescale.config import ConfigError
+    from mergescale.merge import MergeInputError
+    from mergescale.rule_methods.registry import resolve_params
 
-    with pytest.raises(ConfigError, match=r"merge.methods.tw.params.rank"):
-        check_params({"rank": 0}, "merge.methods.tw.params")
-    with pytest.raises(ConfigError, match=r"params.shared_method"):
-        check_params({"shared_method": "slerp"})
-    with pytest.raises(ConfigError, match=r"params.shared_params.*density"):
-        check_params({"shared_params": {"density": 3}})
-    with pytest.raises(ConfigError, match=r"params.rnak: not a Twin-Merging parameter"):
-        check_params({"rnak": 2})
+    with pytest.raises(MergeInputError, match=r"merge.methods.tw.params.rank=0 is outside"):
+        resolve_params("twin_merging", {"rank": 0}, "merge.methods.tw.params.")
+    with pytest.raises(MergeInputError, match=r"params.shared_method: 'slerp' is not one of"):
+        resolve_params("twin_merging", {"shared_method": "slerp"}, "params.")
+    with pytest.raises(MergeInputError, match=r"params.shared_params: .*density=3"):
+        resolve_params("twin_merging", {"shared_params": {"density": 3}}, "params.")
+    with pytest.raises(MergeInputError, match=r"params.rnak is not a hyperparameter of rule-method twin_merging"):
+        resolve_params("twin_merging", {"rnak": 2}, "params.")
+    with pytest.raises(MergeInputError, match=r"params.shared_params: expected a mapping"):
+        resolve_params("twin_merging", {"shared_params": 0.2}, "params.")
+    defaults = resolve_params("twin_merging", {})
+    assert TwinParams(**defaults).shared_params == {"density": 0.2, "lambda": 1.0}

@@ -85,7 +85,7 @@ def test_changing_one_method_reruns_only_its_jobs(run_dir, tmp_path):
     # scored again in one job per subset (evaluate.batch), and the batch files split.
     batch = 1 + len(changed["merge"]["methods"])
     assert jobs == {"merge": 2, "evaluate_batch": 2, "unbatch_scores": 2 * batch,
-                    "aggregate": 1, "findings": 1, "plot": 1, "all": 1}
+                    "aggregate_scores": 1, "write_findings": 1, "plot_figures": 1, "all": 1}
     assert all("/ties/" in out for out in planned_outputs(run_dir, "merge", config=config))
 
 
@@ -138,9 +138,9 @@ def test_report_regenerates_from_existing_scores(run_dir):
     makefile = (REPO / "Makefile").read_text()
     rules = makefile.split("REPORT_RULES := ", 1)[1].split("\n", 1)[0].split()
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "results/merged").rglob("*.safetensors")}
-    proc = snakemake(run_dir, "--cores", "1", "--allowed-rules", *rules, "--forcerun", "aggregate")
+    proc = snakemake(run_dir, "--cores", "1", "--allowed-rules", *rules, "--forcerun", "aggregate_scores")
     ran = set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, flags=re.M))
-    assert {"aggregate", "findings", "plot"} <= ran <= set(rules)  # nothing heavy re-ran
+    assert {"aggregate_scores", "write_findings", "plot_figures"} <= ran <= set(rules)  # nothing heavy re-ran
     assert before == {p: p.stat().st_mtime_ns for p in (run_dir / "results/merged").rglob("*.safetensors")}
     snakemake(run_dir, "--report", "results/report.html")
     html = (run_dir / "results/report.html").read_text(errors="replace")

@@ -38,17 +38,25 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from mergescale.merge import list_methods
+    from mergescale.rule_methods.registry import list_rule_methods
 
-    methods = list_methods()
+    methods, rule_methods = list_methods(), list_rule_methods()
     if args.json:
-        json.dump([m.to_dict() for m in methods], sys.stdout, indent=2)
+        json.dump([m.to_dict() for m in methods] + [r.to_dict() for r in rule_methods], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    rows = []
     for m in methods:
         flags = ", ".join(f for f, on in (("base", m.needs_base), ("random", m.randomised),
                                           *((f"stats: {k}", m.needs_stats_rule) for k in m.stats),
                                           ("validation data", m.needs_data)) if on)
-        print(f"{m.name}{f' [{flags}]' if flags else ''}: {m.description}")
+        rows.append(("per-tensor", m, flags))
+    for r in rule_methods:
+        flags = ", ".join([*r.needs, r.output.replace("_", " ")] + (["own rule"] if r.own_rule else []))
+        rows.append(("rule", r, flags))
+    print("kind        method [needs]: description (config: method: <name> or rule: <name>)")
+    for kind, m, flags in rows:
+        print(f"{kind:<11} {m.name}{f' [{flags}]' if flags else ''}: {m.description}")
         for h in m.hyperparameters:
             scope = "per expert" if h.per_expert else "global"
             print(f"    {h.name} ({h.type}, {scope}, default {h.default!r}, range {h.range_text()}): {h.description}")

@@ -64,17 +64,19 @@ def check_semantics(config: dict) -> None:
         where = f"merge.methods.{name}"
         _check_ks_subset(config, spec.get("ks", []), f"{where}.ks")
         _check_method_bases(config, spec.get("bases", []), f"{where}.bases")
-        if "rule" in spec:  # a method that is a workflow rule of its own
-            from mergescale.rule_methods.registry import check_rule_exists, resolve_params
+        if "rule" in spec:  # a rule-method: a workflow job of its own
+            from mergescale.rule_methods.registry import get_rule_method
 
             try:
-                check_rule_exists(spec["rule"])
-            except ValueError as err:
-                raise ConfigError(f"config key {where}.rule: no rule {spec['rule']!r}: {err}") from None
+                rule_method = get_rule_method(spec["rule"])
+            except MergeInputError as err:
+                raise ConfigError(f"config key {where}.rule: {err.args[0]}") from None
             try:
-                resolve_params(spec["rule"], spec.get("params"), where="params.")
-            except (ValueError, MergeInputError) as err:
+                rule_method.resolve(spec.get("params"), where="params.")
+            except MergeInputError as err:
                 raise ConfigError(f"config key {where}: {err.args[0]}") from None
+            if rule_method.check_config is not None:
+                rule_method.check_config(config, name)
             continue
         try:
             method = get_method(spec["method"])

@@ -75,25 +75,37 @@ WORK = {
     "instruct_base": Work("train"),
     "finetune_expert": Work("train"),
     "finetune_multitask": Work("train"),
-    "sparse_soup_cycle": Work("train", models=lambda k: 3),  # the copy in training, the soup, the best copy
+    "run_sparse_soup_cycle": Work("train", models=lambda k: 3),  # the copy in training, the soup, the best copy
     "compute_stats": Work("stats"),
     "evaluate": Work("evaluate"),
     "evaluate_batch": Work("evaluate", models=lambda k: 2),  # one model loaded, the next swapped in
     "tune": Work("fit", models=lambda k: 2),  # each candidate is merged to disk, then evaluated
     # data-free: a tensor of the base and of each expert, the float32 result and its copy
     "merge": Work("stream", models=lambda k: k + 3, forward=False),  # data-aware: merge_work()
-    "twin_merging": Work("fit", models=_k_plus_2),
+    # a rule-method: the base, its k experts, the merged model (rule_method_work: per method)
+    "merge_rule_method": Work("fit", models=_k_plus_2),
     "merge_opcm": Work("fit", models=_k_plus_2),
     "merge_map": Work("fit", models=_k_plus_2),
-    "merge_atlas": Work("fit", models=lambda k: k + 3),  # + gradients of the coefficients' model
     "merge_cross_seed": Work("fit", models=lambda k: 2 * k + 2),  # experts of both seeds
-    "barrier": Work("fit", models=lambda k: 4),
-    "merge_lora_lego": Work("convert", models=lambda k: 2, forward=False),
+    "measure_barrier": Work("fit", models=lambda k: 4),
     "import_base": Work("convert", models=lambda k: 2, forward=False),
     # one tensor of the base and of every expert, their task vectors stacked, and a float64
     # copy of the stack; its rule passes the number of experts (it has no subset)
-    "task_vector_stats": Work("stream", models=lambda k: 3 * k + 2, forward=False),
+    "compute_task_vector_stats": Work("stream", models=lambda k: 3 * k + 2, forward=False),
 }
+
+
+# Rule-methods whose job differs from merge_rule_method's default, by registered name.
+RULE_METHOD_WORK = {
+    "atlas": Work("fit", models=lambda k: k + 3),  # + gradients of the coefficients' model
+    "task_arithmetic_tuned": Work("fit", models=lambda k: k + 3),
+    "lora_lego": Work("convert", models=lambda k: 2, forward=False),
+}
+
+
+def rule_method_work(name: str) -> Work:
+    """What a merge_rule_method job of the rule-method registered as `name` does."""
+    return RULE_METHOD_WORK.get(name, WORK["merge_rule_method"])
 
 
 def dtype_bytes(dtype: str) -> int:

@@ -9,12 +9,14 @@ rule pretrain_base:
         "results/benchmarks/pretrain_base/{base}.tsv"
     wildcard_constraints:
         base=one_of(PRETRAINED_BASES),
-    params:
-        shape=lambda wc: config["bases"][wc.base]["shape"],
-        train=lambda wc: config["bases"][wc.base]["pretrain"],
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("pretrain_base"),
+    params:
+        shape=lambda wc: config["bases"][wc.base]["shape"],
+        train=lambda wc: config["bases"][wc.base]["pretrain"],
     script:
         "../scripts/pretrain_base.py"
 
@@ -33,24 +35,26 @@ rule instruct_base:
         "results/benchmarks/instruct_base/{base}.tsv"
     wildcard_constraints:
         base=one_of(INSTRUCT_BASES),
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("instruct_base"),
     params:
         train=lambda wc: {"seed": config["seed"], **config["bases"][wc.base]["train"]},
         stage="instruct_base",
         chat_template=lambda wc: uses_chat_template(wc.base),
-    threads: 1
-    resources:
-        **rule_resources("instruct_base"),
     script:
         "../scripts/finetune.py"
 
 
 localrules:
-    variant_base,
+    link_variant_base,
 
 
 # A variant: another base's weights, hard-linked (or copied) and verified, so that the
 # variant's experts (its own fine-tuning settings) have a base of their own.
-rule variant_base:
+rule link_variant_base:
     input:
         base=lambda wc: f"results/bases/{config['bases'][wc.base]['from']}",
     output:
@@ -59,6 +63,8 @@ rule variant_base:
         "results/logs/variant_base/{base}.log",
     wildcard_constraints:
         base=one_of(VARIANT_BASES),
+    conda:
+        SOFTWARE
     params:
         source=lambda wc: {"path": f"results/bases/{config['bases'][wc.base]['from']}"},
     script:

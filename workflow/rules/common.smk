@@ -12,10 +12,11 @@ from mergescale.tasks.combos import ALL_HELD_IN, expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
 from mergescale.evaluate.harness import check_backend
 from mergescale.sources.grid import base_labels, finetune_settings, instruct_tasks, pretrain_tasks
-from mergescale.rule_methods.atlas_plan import atlas_plan
+from mergescale.studies import study_plans
 from mergescale.studies.cross_seed.plan import cross_seed_plan
 from mergescale.studies.sparse_soups.plan import sparse_soups_plan
 from mergescale.merge import get_method
+from mergescale.rule_methods.registry import NEEDS, get_rule_method
 from mergescale.resources import (
     WORK as RESOURCE_WORK,
     Work,
@@ -24,6 +25,7 @@ from mergescale.resources import (
     gpus_for,
     memory_mb,
     merge_work,
+    rule_method_work as work_of_rule_method,
     model_size,
     runtime_min,
 )
@@ -40,6 +42,10 @@ from mergescale.sources.declared import (
 check_schema(config)  # one line naming the key, before Snakemake's verbose report
 validate(config, "../schemas/config.schema.yaml")  # (also fills in defaults)
 check_semantics(config)
+
+
+# Every rule's software (workflow/envs/mergescale.yaml), used under --software-deployment-method conda.
+SOFTWARE = str(Path(workflow.basedir) / "envs" / "mergescale.yaml")
 
 
 def package_source(module):
@@ -64,16 +70,16 @@ VARIANT_BASES = [b for b in BASES if config["bases"][b]["source"] == "variant"]
 BASE_LABELS = base_labels(config["bases"])
 QUALITIES = sorted({labels["quality"] for labels in BASE_LABELS.values()})
 METHODS = config["merge"]["methods"]
-# Methods that are rules of their own (`rule:` in the config, workflow/rules/methods/).
+# Rule-methods (`rule:` in the config; mergescale.rule_methods.registry).
 RULE_METHODS = [name for name, spec in METHODS.items() if "rule" in spec]
-COMBOS = expert_subsets(
-    HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"]
-)
-# Optional cross-seed study (rules/methods/weight_matching.smk); its base_b is not in the grid.
+COMBOS = expert_subsets(HELD_IN, config["merge"]["ks"], config["merge"]["subsets_per_k"], config["seed"])
+# Studies beside the grid (mergescale.studies): the models, batches and final outputs
+# they add. Their own rules read their plans: CROSS_SEED (rules/studies/cross_seed.smk),
+# SPARSE_SOUPS (rules/studies/sparse_soups.smk).
+STUDIES = study_plans(config, COMBOS)
 CROSS_SEED = cross_seed_plan(config, COMBOS)
-GRID_BASES = [b for b in BASES if CROSS_SEED is None or b != CROSS_SEED.base_b]
-ATLAS = atlas_plan(config, COMBOS) or {}  # optional aTLAS study (rules/methods/atlas.smk)
-SPARSE_SOUPS = sparse_soups_plan(config)  # optional Sparse Model Soups (rules/methods/sparse_soups.smk)
+SPARSE_SOUPS = sparse_soups_plan(config)
+GRID_BASES = [b for b in BASES if not any(b in study.own_bases() for study in STUDIES)]
 EVAL_SPLITS = config["evaluate"]["splits"]
 SPLITS = ["train", "validation", "test"]
 # Data for the statistics of data-aware methods (and their fits): split and examples.
@@ -103,8 +109,12 @@ wildcard_constraints:
 
 def model_dirs():
     """Every model the workflow evaluates, as a path below results/."""
-    out = (CROSS_SEED.model_dirs() if CROSS_SEED else []) + list(ATLAS)
-    out += SPARSE_SOUPS.model_dirs() if SPARSE_SOUPS else []
+    return [path for study in STUDIES for path in study.model_dirs()] + grid_model_dirs()
+
+
+def grid_model_dirs():
+    """The grid's models: bases, experts, multitask models, merges, ensembles."""
+    out = []
     for base in GRID_BASES:
         out.append(f"bases/{base}")
         out += [f"experts/{base}/{task}" for task in HELD_IN]
@@ -118,17 +128,19 @@ def model_dirs():
 
 def eval_batches():
     """{group: model dirs} scored together by one evaluate_batch job: a base with its
-    experts, and the checkpoints of one base and expert subset (its multitask model and
-    the merges of engine methods, aTLAS and cross-seed merging), and the pruned models
-    of one sparse-soups task. Empty when evaluation cannot be batched (a backend other
+    experts, the checkpoints of one base and expert subset (its multitask model and the
+    merges of engine methods and of rule-methods registered with batch_eval), and the
+    batches of the studies (which may join those). Empty when evaluation cannot be batched (a backend other
     than hf, public lm-eval tasks, chat templates) or `evaluate.batch` is false; every
     other model gets a job of its own (rule evaluate)."""
     ev = config["evaluate"]
     if not ev.get("batch", True) or ev["backend"] != "hf" or any(t in LM_EVAL_TASKS for t in ALL_TASKS):
         return {}
-    checkpoints = set(ATLAS) | set(CROSS_SEED.model_dirs() if CROSS_SEED else [])
     groups = {}
-    for path in model_dirs():
+    for study in STUDIES:
+        for group, paths in study.eval_batches().items():
+            groups.setdefault(group, []).extend(p for p in paths if not uses_chat_template(p.split("/")[1]))
+    for path in grid_model_dirs():
         kind, base, *rest = path.split("/")
         if uses_chat_template(base):
             continue
@@ -138,10 +150,8 @@ def eval_batches():
             groups.setdefault(f"experts/{base}", []).append(path)
         elif kind == "multitask":
             groups.setdefault(f"merged/{base}/{rest[0]}", []).append(path)
-        elif kind == "merged" and (rest[0] in METHODS and rest[0] not in RULE_METHODS or path in checkpoints):
+        elif kind == "merged" and batched_merge(rest[0]):
             groups.setdefault(f"merged/{base}/{rest[1]}", []).append(path)
-        elif kind == "sparse":  # sparse/{base}/{task}/c{cycle}/{soup,best_copy}
-            groups.setdefault(f"sparse/{base}/{rest[0]}", []).append(path)
     return {group: paths for group, paths in groups.items() if len(paths) > 1}
 
 
@@ -162,15 +172,19 @@ def method_combos(name, base=None):
 
 
 def get_final_output():
-    return [
-        "results/tables/scores.csv",
-        "results/tables/summary.md",
-        "results/findings.md",
-        *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
-        "results/plots/base_quality.png",
-        "results/tables/task_vectors.md",
-        *(["results/tables/tuning.md"] if tuning_records() else []),
-    ] + (CROSS_SEED.final_outputs() if CROSS_SEED else []) + EXTRA_FINAL_OUTPUT
+    return (
+        [
+            "results/tables/scores.csv",
+            "results/tables/summary.md",
+            "results/findings.md",
+            *expand("results/plots/normalized_vs_k_{quality}.png", quality=QUALITIES),
+            "results/plots/base_quality.png",
+            "results/tables/task_vectors.md",
+            *(["results/tables/tuning.md"] if tuning_records() else []),
+        ]
+        + [path for study in STUDIES for path in study.final_outputs()]
+        + EXTRA_FINAL_OUTPUT
+    )
 
 
 def bases_with_source(source):
@@ -216,18 +230,60 @@ def get_expert_dirs(wildcards):
 
 
 def methods_of_rule(rule):
-    """Config names of the methods implemented by workflow/rules/methods/<rule>.smk."""
+    """Config names of the entries `rule: <rule>` (a registered rule-method)."""
     return [m for m in RULE_METHODS if METHODS[m]["rule"] == rule]
 
 
+def rule_method(name):
+    """The registered rule-method of config entry `name` (mergescale.rule_methods.registry)."""
+    return get_rule_method(METHODS[name]["rule"])
+
+
 def engine_methods():
-    """{method} wildcard of the generic merge rule: every method that is not a rule-method."""
+    """{method} wildcard of the merge rule: every method that is not a rule-method."""
     return one_of([m for m in METHODS if m not in RULE_METHODS])
 
 
+def generic_rule_methods():
+    """{method} wildcard of merge_rule_method: the rule-methods without a rule of their own."""
+    return one_of([m for m in RULE_METHODS if not rule_method(m).own_rule])
+
+
 def methods_using(rule_name):
-    """{method} wildcard of a rule-method's rule: the config names with `rule: <rule_name>`."""
+    """{method} wildcard of a rule-method's own rule: the config names with `rule: <rule_name>`."""
     return one_of(methods_of_rule(rule_name))
+
+
+def batched_merge(name):
+    """Whether config entry `name`'s merges are scored in their subset's evaluate_batch job."""
+    return name not in RULE_METHODS or rule_method(name).batch_eval
+
+
+def get_rule_method_inputs(wildcards):
+    """A rule-method job's inputs: base, experts, one file per task for each thing the
+    method needs, and the method's source (editing it re-runs only its merges)."""
+    method = rule_method(wildcards.method)
+    tasks = COMBOS[wildcards.combo]
+    inputs = {
+        "base": f"results/bases/{wildcards.base}",
+        "experts": [f"results/experts/{wildcards.base}/{t}" for t in tasks],
+        "source": method.source_file,
+    }
+    for need in method.needs:
+        if NEEDS[need] is not None:
+            inputs[need] = [NEEDS[need].format(task=t) for t in tasks]
+    return inputs
+
+
+def rule_method_name(wildcards):
+    return METHODS[wildcards.method]["rule"]
+
+
+def subset_tasks(wildcards):
+    return COMBOS[wildcards.combo]
+
+
+EVALUATE_SETTINGS = {"batch_size": config["evaluate"]["batch_size"], "limit": config["evaluate"]["limit"]}
 
 
 def method_params(wildcards):
@@ -241,9 +297,13 @@ def get_method_source(wildcards):
 
 def tuning_records():
     """Every tuning record the grid writes (tuned engine methods on grid bases)."""
-    return [f"results/tuning/{base}/{m}/{c}.json" for base in GRID_BASES
-            for m in METHODS if "method" in METHODS[m] and METHODS[m].get("tune")
-            for c in method_combos(m, base)]
+    return [
+        f"results/tuning/{base}/{m}/{c}.json"
+        for base in GRID_BASES
+        for m in METHODS
+        if "method" in METHODS[m] and METHODS[m].get("tune")
+        for c in method_combos(m, base)
+    ]
 
 
 def get_tuning_record(wildcards):
@@ -268,6 +328,28 @@ def get_stats_data(wildcards):
     return f"results/data/{wildcards.task}/{STATS['split']}.jsonl"
 
 
+def evaluate_params():
+    """Settings shared by both evaluation rules (the model comes from the rule)."""
+    return dict(
+        tasks=[[t, s] for t in PROCEDURAL_TASKS for s in EVAL_SPLITS],
+        lm_eval_tasks={t: LM_EVAL_TASKS[t] for t in ALL_TASKS if t in LM_EVAL_TASKS},
+        backend=config["evaluate"]["backend"],
+        batch_size=config["evaluate"]["batch_size"],
+        limit=config["evaluate"]["limit"],
+        seed=config["seed"],
+    )
+
+
+def get_cross_seed_inputs(wildcards):
+    experts_a, experts_b = CROSS_SEED.experts(wildcards.combo)
+    tasks = COMBOS[wildcards.combo]
+    return {
+        "experts_a": experts_a,
+        "experts_b": experts_b,
+        "data": [f"results/data/{t}/validation.jsonl" for t in tasks],
+    }
+
+
 def get_merge_data_inputs(wildcards):
     """Statistics (compute_stats) or validation data (a fit) that a data-aware method reads."""
     method = get_method(METHODS[wildcards.method]["method"])
@@ -278,7 +360,6 @@ def get_merge_data_inputs(wildcards):
     if method.needs_data:
         inputs["data"] = [f"results/data/{t}/{STATS['split']}.jsonl" for t in tasks]
     return inputs
-
 
 
 # --- resources of every job (mergescale.resources): memory from the checkpoints a job
@@ -307,42 +388,44 @@ def job_base_and_k(wildcards):
     return base, int(combo.group(1)) if combo else 1
 
 
-def train_settings(rule, wildcards, base):
-    if rule == "pretrain_base":
+def train_settings(rule_name, wildcards, base):
+    if rule_name == "pretrain_base":
         return config["bases"][base]["pretrain"]
-    if rule == "instruct_base":
+    if rule_name == "instruct_base":
         return config["bases"][base]["train"]
-    if rule == "finetune_multitask":
+    if rule_name == "finetune_multitask":
         return multitask_train_config(base, wildcards.taskset)
     return expert_train_config(base)
 
 
-def rule_resources(rule, work=None):
+def rule_resources(rule_name, work=None):
     """Snakemake `resources:` of a rule: mem_mb, runtime (minutes), gpu and cpus_per_task
     as functions of each job's wildcards; `work` (a Work, or a function of the wildcards
     returning one) replaces the rule's entry in mergescale.resources.WORK."""
 
     def plan(wildcards):
         base, k = job_base_and_k(wildcards)
-        w = work(wildcards) if callable(work) else (work or RESOURCE_WORK[rule])
+        w = work(wildcards) if callable(work) else (work or RESOURCE_WORK[rule_name])
         return base, k, w
 
     def mem_mb(wildcards, attempt):
         base, k, w = plan(wildcards)
-        gpu = gpus_for(rule, DECLARED_GPUS, w) > 0
-        mb = memory_mb(rule, model_size(config, base), k, config["merge"]["dtype"], gpu, w,
-                       config["evaluate"]["backend"])
+        gpu = gpus_for(rule_name, DECLARED_GPUS, w) > 0
+        mb = memory_mb(
+            rule_name, model_size(config, base), k, config["merge"]["dtype"], gpu, w, config["evaluate"]["backend"]
+        )
         return int(mb * (1 + 0.5 * (attempt - 1)))  # a retry gets half as much again
 
     def runtime(wildcards, attempt):
         base, k, w = plan(wildcards)
-        train = train_settings(rule, wildcards, base) if w.kind == "train" else {}
-        minutes = runtime_min(rule, model_size(config, base), k, train.get("steps", 0),
-                              train.get("batch_size", 0), w)
+        train = train_settings(rule_name, wildcards, base) if w.kind == "train" else {}
+        minutes = runtime_min(
+            rule_name, model_size(config, base), k, train.get("steps", 0), train.get("batch_size", 0), w
+        )
         return minutes * attempt
 
     def gpu(wildcards):
-        return gpus_for(rule, DECLARED_GPUS, plan(wildcards)[2])
+        return gpus_for(rule_name, DECLARED_GPUS, plan(wildcards)[2])
 
     def cpus_per_task(wildcards):
         return cpus_for(plan(wildcards)[2], workflow.resource_settings.max_threads)
@@ -354,18 +437,22 @@ def merge_rule_work(wildcards):
     return merge_work(get_method(METHODS[wildcards.method]["method"]))
 
 
+def rule_method_work(wildcards):
+    return work_of_rule_method(METHODS[wildcards.method]["rule"])
+
+
 def task_vector_work(wildcards):
     """Every held-in expert of the base at once (the job has no subset to count them)."""
-    every = RESOURCE_WORK["task_vector_stats"]
+    every = RESOURCE_WORK["compute_task_vector_stats"]
     return Work(every.kind, models=lambda k: every.models(len(HELD_IN)), forward=every.forward)
 
 
 def evaluate_work(wildcards):
-    """An ensemble or a Twin-Merging spec holds its k experts (and the base) at once."""
+    """An ensemble or a rule-method's model spec (Twin-Merging) holds its k experts (and the base) at once."""
     kind, base, *rest = wildcards.model.split("/")
     if kind == "ensembles":
         return Work("evaluate", models=lambda k: k)
-    if kind == "merged" and rest[0] in METHODS and METHODS[rest[0]].get("rule") == "twin_merging":
+    if kind == "merged" and rest[0] in RULE_METHODS and rule_method(rest[0]).output == "model_spec":
         return Work("evaluate", models=lambda k: k + 1)
     return RESOURCE_WORK["evaluate"]
 
@@ -373,8 +460,10 @@ def evaluate_work(wildcards):
 # Fail before any job runs: what the jobs need that the profile or this environment
 # cannot give. The profile is checked when the workflow is parsed; the environment when
 # jobs are about to run (a dry run only plans, e.g. on a login node without vllm).
-FORWARD_RULES = [r for r, w in RESOURCE_WORK.items() if w.forward] + (
-    ["merge"] if any(merge_work(get_method(s["method"])).forward for s in METHODS.values() if "method" in s) else []
+FORWARD_RULES = (
+    [r for r, w in RESOURCE_WORK.items() if w.forward and r != "merge_rule_method"]
+    + (["merge"] if any(merge_work(get_method(s["method"])).forward for s in METHODS.values() if "method" in s) else [])
+    + (["merge_rule_method"] if any(work_of_rule_method(METHODS[m]["rule"]).forward for m in RULE_METHODS) else [])
 )
 check_gpu_placement(FORWARD_RULES, DECLARED_GPUS, workflow.resource_settings.overwrite_resources or {}, cluster=False)
 

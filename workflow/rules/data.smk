@@ -5,6 +5,8 @@ rule make_task_data:
         "results/logs/make_task_data/{task}.log",
     wildcard_constraints:
         task=one_of(DATA_TASKS),
+    conda:
+        SOFTWARE
     params:
         sizes=lambda wc: config["data"]["sizes"],  # data is optional (lm-eval tasks only)
         seed=config["seed"],
@@ -21,5 +23,7 @@ rule render_task:
         "results/logs/render_task/{task}_{split}.log",
     wildcard_constraints:
         task=one_of(PROCEDURAL_TASKS),
+    conda:
+        SOFTWARE
     script:
         "../scripts/render_task.py"

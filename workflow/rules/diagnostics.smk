@@ -1,6 +1,6 @@
 # How far each base's experts move from it (task-vector norms) and how their moves
 # relate (cosine similarity): the regime merging works in.
-rule task_vector_stats:
+rule compute_task_vector_stats:
     input:
         base="results/bases/{base}",
         experts=lambda wc: [f"results/experts/{wc.base}/{t}" for t in HELD_IN],
@@ -8,33 +8,39 @@ rule task_vector_stats:
         "results/tables/task_vectors/{base}.json",
     log:
         "results/logs/task_vector_stats/{base}.log",
-    params:
-        tasks=HELD_IN,
+    conda:
+        SOFTWARE
     threads: 1
     resources:
-        **rule_resources("task_vector_stats", task_vector_work),
+        **rule_resources("compute_task_vector_stats", task_vector_work),
+    params:
+        tasks=HELD_IN,
     script:
         "../scripts/task_vector_stats.py"
 
 
-rule task_vector_table:
+rule write_task_vector_table:
     input:
         expand("results/tables/task_vectors/{base}.json", base=GRID_BASES),
     output:
         report("results/tables/task_vectors.md", caption="../report/task_vectors.rst", category="Tables"),
     log:
         "results/logs/task_vector_table.log",
+    conda:
+        SOFTWARE
     script:
         "../scripts/task_vector_table.py"
 
 
 # The hyperparameters tuning chose, per base, method and k.
-rule tuning_table:
+rule write_tuning_table:
     input:
         tuning_records(),
     output:
         report("results/tables/tuning.md", caption="../report/tuning.rst", category="Tables"),
     log:
         "results/logs/tuning_table.log",
+    conda:
+        SOFTWARE
     script:
         "../scripts/tuning_table.py"

@@ -10,6 +10,8 @@ rule download_base:
         "results/logs/download_base/{base}.log",
     wildcard_constraints:
         base=one_of(FETCHED_BASES),
+    conda:
+        SOFTWARE
     params:
         source=lambda wc: model_ref(config["bases"][wc.base]),
     script:
@@ -23,6 +25,8 @@ rule download_expert:
         "results/logs/download_expert/{base}/{task}.log",
     wildcard_constraints:
         base=one_of(FETCHED_EXPERT_BASES),
+    conda:
+        SOFTWARE
     params:
         source=lambda wc: config["bases"][wc.base]["experts"][wc.task],
     script:
@@ -36,6 +40,8 @@ rule export_lm_eval_train:
         "results/logs/export_lm_eval_train/{task}.log",
     wildcard_constraints:
         task=one_of([t for t in LM_EVAL_TASKS if lm_eval_split_tasks(LM_EVAL_TASKS[t], "train")]),
+    conda:
+        SOFTWARE
     params:
         lm_tasks=lambda wc: lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], "train"),
         split="train",
@@ -52,6 +58,8 @@ rule export_lm_eval_validation:
         "results/logs/export_lm_eval_validation/{task}.log",
     wildcard_constraints:
         task=one_of([t for t in LM_EVAL_TASKS if lm_eval_split_tasks(LM_EVAL_TASKS[t], "validation")]),
+    conda:
+        SOFTWARE
     params:
         lm_tasks=lambda wc: lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], "validation"),
         split="validation",
@@ -69,6 +77,8 @@ rule render_lm_eval_validation:
         "results/logs/render_task/{task}_validation.log",
     wildcard_constraints:
         task=one_of([t for t in LM_EVAL_TASKS if lm_eval_split_tasks(LM_EVAL_TASKS[t], "validation")]),
+    conda:
+        SOFTWARE
     params:
         description=lambda wc: f"validation rows of {'+'.join(lm_eval_split_tasks(LM_EVAL_TASKS[wc.task], 'validation'))}",
         cluster=lambda wc: LM_EVAL_TASKS[wc.task].get("cluster", wc.task),

@@ -3,18 +3,6 @@ EVAL_BATCHES = eval_batches()
 BATCHED_MODELS = [m for paths in EVAL_BATCHES.values() for m in paths]
 
 
-def evaluate_params():
-    """Settings shared by both evaluation rules (the model comes from the rule)."""
-    return dict(
-        tasks=[[t, s] for t in PROCEDURAL_TASKS for s in EVAL_SPLITS],
-        lm_eval_tasks={t: LM_EVAL_TASKS[t] for t in ALL_TASKS if t in LM_EVAL_TASKS},
-        backend=config["evaluate"]["backend"],
-        batch_size=config["evaluate"]["batch_size"],
-        limit=config["evaluate"]["limit"],
-        seed=config["seed"],
-    )
-
-
 rule evaluate:
     input:
         model="results/{model}",
@@ -27,12 +15,14 @@ rule evaluate:
         "results/benchmarks/evaluate/{model}.tsv"
     wildcard_constraints:
         model=r"(bases|experts|multitask|merged|ensembles)/[^/]+(/[^/]+){0,2}|sparse/[^/]+/[^/]+/c\d+/[^/]+",
-    params:
-        **evaluate_params(),
-        chat_template=lambda wc: uses_chat_template(wc.model.split("/")[1]),
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("evaluate", evaluate_work),
+    params:
+        **evaluate_params(),
+        chat_template=lambda wc: uses_chat_template(wc.model.split("/")[1]),
     script:
         "../scripts/evaluate.py"
 
@@ -56,12 +46,14 @@ rule evaluate_batch:
         "results/benchmarks/evaluate_batch/{group}.tsv"
     wildcard_constraints:
         group=one_of(list(EVAL_BATCHES)),
-    params:
-        **evaluate_params(),
-        chat_template=False,  # batches hold no chat models (eval_batches)
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("evaluate_batch"),
+    params:
+        **evaluate_params(),
+        chat_template=False,  # batches hold no chat models (eval_batches)
     script:
         "../scripts/evaluate_batch.py"
 
@@ -75,26 +67,32 @@ rule unbatch_scores:
         lambda wc: f"results/evals/batches/{BATCH_OF[wc.model]}.json",
     output:
         "results/evals/{model}/scores.json",
+    log:
+        "results/logs/unbatch_scores/{model}.log",
     wildcard_constraints:
         model=one_of(BATCHED_MODELS),
+    # a shell command: a Python rule (run:) would parse the whole workflow again per model
+    conda:
+        SOFTWARE
     params:
         model_dir="results/{model}",
         python=sys.executable,
         src=str(Path(workflow.basedir).parent / "src"),  # this workflow's package, as in common.smk
-    # a shell command: a Python rule (run:) would parse the whole workflow again per model
     shell:
         "PYTHONPATH={params.src}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "{params.python} -m mergescale.evaluate.batch_member {input} {params.model_dir} {output}"
+        "{params.python} -m mergescale.evaluate.batch_member {input} {params.model_dir} {output} > {log} 2>&1"
 
 
 # The output-ensemble reference: a model spec naming the subset's experts, evaluated by
 # mergescale.evaluate.ensemble's lm-eval class (no weights are written).
-rule ensemble:
+rule build_ensemble:
     input:
         experts=get_expert_dirs,
     output:
         directory("results/ensembles/{base}/{combo}"),
     log:
         "results/logs/ensemble/{base}/{combo}.log",
+    conda:
+        SOFTWARE
     script:
         "../scripts/ensemble.py"

@@ -10,13 +10,15 @@ rule finetune_expert:
         "results/benchmarks/finetune_expert/{base}/{task}.tsv"
     wildcard_constraints:
         base=one_of([b for b in BASES if b not in FETCHED_EXPERT_BASES]),
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("finetune_expert"),
     params:
         train=lambda wc: expert_train_config(wc.base),
         stage="finetune_expert",
         chat_template=lambda wc: uses_chat_template(wc.base),
-    threads: 1
-    resources:
-        **rule_resources("finetune_expert"),
     script:
         "../scripts/finetune.py"
 
@@ -33,12 +35,14 @@ rule finetune_multitask:
         "results/benchmarks/finetune_multitask/{base}/{taskset}.tsv"
     wildcard_constraints:
         taskset=rf"{ALL_HELD_IN}|k\d+s\d+",
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("finetune_multitask"),
     params:
         train=lambda wc: multitask_train_config(wc.base, wc.taskset),
         stage="finetune_multitask",
         chat_template=lambda wc: uses_chat_template(wc.base),
-    threads: 1
-    resources:
-        **rule_resources("finetune_multitask"),
     script:
         "../scripts/finetune.py"

@@ -9,11 +9,13 @@ rule import_base:
         "results/benchmarks/import_base/{base}.tsv"
     wildcard_constraints:
         base=one_of(bases_with_source("gguf")),
-    params:
-        package=lambda wc: config["bases"][wc.base]["gguf"]["package"],
-        file=lambda wc: config["bases"][wc.base]["gguf"]["file"],
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("import_base"),
+    params:
+        package=lambda wc: config["bases"][wc.base]["gguf"]["package"],
+        file=lambda wc: config["bases"][wc.base]["gguf"]["file"],
     script:
         "../scripts/import_base.py"

@@ -13,14 +13,16 @@ rule merge:
         "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
     wildcard_constraints:
         method=engine_methods(),  # rule-methods write their own outputs
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("merge", merge_rule_work),
     params:
         method=lambda wc: METHODS[wc.method]["method"],
         params=lambda wc: METHODS[wc.method].get("params", {}),
         dtype=config["merge"]["dtype"],
         seed=config["seed"],
-    threads: 1
-    resources:
-        **rule_resources("merge", merge_rule_work),
     script:
         "../scripts/merge.py"
 
@@ -38,6 +40,11 @@ rule tune:
         "results/logs/tune/{base}/{method}/{combo}.log",
     benchmark:
         "results/benchmarks/tune/{base}/{method}/{combo}.tsv"
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("tune"),
     params:
         method=lambda wc: METHODS[wc.method]["method"],
         tune=lambda wc: METHODS[wc.method]["tune"],
@@ -47,8 +54,34 @@ rule tune:
         seed=config["seed"],
         batch_size=config["evaluate"]["batch_size"],
         limit=config["evaluate"]["limit"],
-    threads: 1
-    resources:
-        **rule_resources("tune"),
     script:
         "../scripts/tune.py"
+
+
+# Any rule-method (mergescale.rule_methods.registry) without a rule of its own: its
+# registered run() with the entry's params and the inputs the method says it needs.
+rule merge_rule_method:
+    input:
+        unpack(get_rule_method_inputs),
+    output:
+        model=merge_output("results/merged/{base}/{method}/{combo}"),
+    log:
+        "results/logs/merge_rule_method/{method}/{base}/{combo}.log",
+    benchmark:
+        "results/benchmarks/merge_rule_method/{method}/{base}/{combo}.tsv"
+    wildcard_constraints:
+        method=generic_rule_methods(),
+    conda:
+        SOFTWARE
+    threads: 1
+    resources:
+        **rule_resources("merge_rule_method", rule_method_work),
+    params:
+        rule=rule_method_name,
+        params=method_params,
+        tasks=subset_tasks,
+        evaluate=EVALUATE_SETTINGS,
+        dtype=config["merge"]["dtype"],
+        seed=config["seed"],
+    script:
+        "../scripts/merge_rule_method.py"

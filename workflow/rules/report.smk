@@ -1,15 +1,15 @@
-rule aggregate:
+rule aggregate_scores:
     input:
         scores=expand("results/evals/{model}/scores.json", model=model_dirs()),
     output:
         scores=report("results/tables/scores.csv", caption="../report/scores.rst", category="Tables"),
         summary=report("results/tables/summary.md", caption="../report/summary.rst", category="Tables"),
         latex=report("results/tables/summary.tex", caption="../report/summary.rst", category="Tables"),
-        normalized=report(
-            "results/tables/normalized.csv", caption="../report/normalized.rst", category="Tables"
-        ),
+        normalized=report("results/tables/normalized.csv", caption="../report/normalized.rst", category="Tables"),
     log:
         "results/logs/aggregate.log",
+    conda:
+        SOFTWARE
     params:
         held_in=HELD_IN,
         held_out=HELD_OUT,
@@ -19,18 +19,20 @@ rule aggregate:
         "../scripts/aggregate.py"
 
 
-rule findings:
+rule write_findings:
     input:
         normalized="results/tables/normalized.csv",
     output:
         report("results/findings.md", caption="../report/findings.rst", category="Findings"),
     log:
         "results/logs/findings.log",
+    conda:
+        SOFTWARE
     script:
         "../scripts/findings.py"
 
 
-rule plot:
+rule plot_figures:
     input:
         normalized="results/tables/normalized.csv",
     output:
@@ -56,6 +58,8 @@ rule plot:
         ),
     log:
         "results/logs/plot.log",
+    conda:
+        SOFTWARE
     params:
         qualities=QUALITIES,
     script:

@@ -8,10 +8,12 @@ rule compute_stats:
         "results/logs/compute_stats/{base}/{task}.log",
     benchmark:
         "results/benchmarks/compute_stats/{base}/{task}.tsv"
-    params:
-        examples=STATS["examples"],
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("compute_stats"),
+    params:
+        examples=STATS["examples"],
     script:
         "../scripts/stats.py"

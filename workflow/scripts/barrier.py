@@ -4,7 +4,6 @@ from pathlib import Path
 import pandas as pd
 
 from mergescale.studies.cross_seed.barrier import BarrierPair, barrier_curves, barrier_heights, lm_eval_scorer
-from mergescale.studies.cross_seed.plan import DEFAULT_ALPHAS
 from mergescale.io_utils import atomic_write_text
 from mergescale.job import log_to, set_threads
 from mergescale.tasks import read_jsonl
@@ -12,12 +11,10 @@ from mergescale.tasks import read_jsonl
 with log_to(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
     p = snakemake.params
-    cfg = dict(p.barrier)
-    alphas = sorted(cfg.get("alphas", DEFAULT_ALPHAS))
-    n = cfg.get("examples", 100)
-    rows = {Path(f).parent.name: read_jsonl(Path(f))[:n] for f in snakemake.input.data}
+    cfg = dict(p.barrier)  # the plan's settings, defaults filled in (mergescale.studies.cross_seed.plan)
+    alphas, limit = cfg["alphas"], cfg["limit"]
+    rows = {Path(f).parent.name: read_jsonl(Path(f))[: cfg["examples"]] for f in snakemake.input.data}
     task_dir = Path(snakemake.input.tasks[0]).parent
-    limit = cfg.get("limit", 50)
 
     def scorer(tasks):
         return lm_eval_scorer(task_dir, tasks, limit, p.batch_size, p.seed, log)

@@ -8,7 +8,7 @@ registry is complete as soon as the package is imported. The workflow, the CLI
 
 from __future__ import annotations
 
-import difflib
+import copy
 import functools
 import inspect
 import math
@@ -17,9 +17,10 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from mergescale.errors import did_you_mean
 from mergescale.merge.errors import MergeInputError
 
-_TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}
+_TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str, "mapping": dict}
 
 
 class TensorMergeFn(Protocol):
@@ -58,7 +59,7 @@ class Hyperparameter:
     """
 
     name: str
-    type: str  # one of "float", "int", "bool", "str"
+    type: str  # one of "float", "int", "bool", "str", "mapping" (checked by its owner)
     default: Any
     description: str
     low: float | None = None
@@ -83,6 +84,10 @@ class Hyperparameter:
     def check(self, value: Any, where: str = "") -> Any:
         """Return `value` coerced to this type, or raise MergeInputError naming the key."""
         label = f"{where}{'.' if where else ''}{self.name}"
+        if self.type == "mapping":  # its keys are checked by the method that reads it
+            if not isinstance(value, dict):
+                raise MergeInputError(f"{label}: expected a mapping, got {value!r}")
+            return copy.deepcopy(value)
         if self.type == "bool":
             if not isinstance(value, bool):
                 raise MergeInputError(f"{label}: expected true/false, got {value!r}")
@@ -119,6 +124,8 @@ class Hyperparameter:
             return "{" + ", ".join(self.choices) + "}"
         if self.type == "bool":
             return "true/false"
+        if self.type == "mapping":
+            return "mapping"
         if self.low is None and self.high is None:
             return "any"
         lo = "(-inf" if self.low is None else ("[" if self.low_inclusive else "(") + f"{self.low:g}"
@@ -191,6 +198,7 @@ class MergeMethod:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "kind": "per-tensor",
             "description": self.description,
             "paper": self.paper,
             "needs_base": self.needs_base,
@@ -260,10 +268,9 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _METHODS[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), list(_METHODS), n=3, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise MergeInputError(
-            f"unknown merge method {name!r}.{hint} Known methods: {', '.join(sorted(_METHODS))}"
+            f"unknown merge method {name!r}{did_you_mean(name, _METHODS)}. "
+            f"Known methods: {', '.join(sorted(_METHODS))}"
         ) from None
 
 
@@ -278,6 +285,38 @@ class ResolvedParams:
 
     params: dict[str, Any]
     expert_params: list[dict[str, Any]]
+
+
+def unknown_hyperparameter(hyperparameters, key: str, owner: str, where: str = "") -> MergeInputError:
+    known = [h.name for h in hyperparameters]
+    return MergeInputError(
+        f"{where}{key} is not a hyperparameter of {owner}{did_you_mean(key, known, n=2)}; "
+        f"allowed: {', '.join(sorted(known)) or 'none'}"
+    )
+
+
+def check_hyperparameters(
+    hyperparameters: tuple[Hyperparameter, ...], params: dict[str, Any] | None, owner: str, where: str = ""
+) -> dict[str, Any]:
+    """The one hyperparameter checker (per-tensor methods and rule-methods alike): every
+    key of `params` declared, values checked and coerced, defaults filled in for the
+    global (not per-expert) ones; errors name `where` and the key, and say what `owner` takes.
+    Per-expert values given here are checked (they apply to every expert) but not returned."""
+    params = dict(params or {})
+    for key in params:
+        if not any(h.name == key for h in hyperparameters):
+            raise unknown_hyperparameter(hyperparameters, key, owner, where)
+    resolved: dict[str, Any] = {}
+    for h in hyperparameters:
+        if h.per_expert:
+            if h.name in params:  # a value for every expert: check it even with no experts
+                h.check(params[h.name], where=where.rstrip("."))
+            continue
+        value = params.get(h.name, h.default)
+        if value is None:
+            raise MergeInputError(f"{where}{owner}: hyperparameter {h.name!r} is required")
+        resolved[h.name] = h.check(value, where=where.rstrip("."))
+    return resolved
 
 
 def validate_params(
@@ -302,29 +341,7 @@ def validate_params(
         raise MergeInputError(
             f"{len(expert_params)} per-expert parameter sets given for {n_experts} experts"
         )
-    known = {h.name for h in method.hyperparameters}
-
-    def unknown(key: str, where: str) -> MergeInputError:
-        close = difflib.get_close_matches(key, list(known), n=2, cutoff=0.5)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        allowed = ", ".join(sorted(known)) or "none"
-        return MergeInputError(
-            f"{where}{key!r} is not a hyperparameter of {method.name}{hint}; allowed: {allowed}"
-        )
-
-    for key in params:
-        if key not in known:
-            raise unknown(key, "")
-    resolved_global: dict[str, Any] = {}
-    for h in method.hyperparameters:
-        if h.per_expert:
-            if h.name in params:  # a value for every expert: check it even with no experts
-                h.check(params[h.name])
-            continue
-        value = params.get(h.name, h.default)
-        if value is None:
-            raise MergeInputError(f"{method.name}: hyperparameter {h.name!r} is required")
-        resolved_global[h.name] = h.check(value)
+    resolved_global = check_hyperparameters(method.hyperparameters, params, method.name)
 
     resolved_experts: list[dict[str, Any]] = []
     for i, given in enumerate(expert_params):
@@ -333,7 +350,7 @@ def validate_params(
         for key in given:
             h = method.hyperparameter(key)
             if h is None:
-                raise unknown(key, where)
+                raise unknown_hyperparameter(method.hyperparameters, key, method.name, where)
             if not h.per_expert:
                 raise MergeInputError(
                     f"{where}{key}: {key!r} is a global hyperparameter of {method.name}; "

@@ -26,6 +26,8 @@ from scipy.optimize import minimize_scalar
 from torch.func import functional_call
 
 from mergescale.merge.in_memory import write_merged_checkpoint
+from mergescale.merge.registry import Hyperparameter
+from mergescale.rule_methods.registry import RuleJob, register_rule_method
 from mergescale.models.llama import load_model
 from mergescale.training.loop import collate, encode
 
@@ -114,15 +116,33 @@ def line_search_coefficient(tvm: TaskVectorModel, batch: dict[str, torch.Tensor]
     return grid[best], losses[best]
 
 
-def merge_atlas(method: str, base_dir: Path, expert_dirs: list[Path], rows: list[dict], out_dir: Path,
-                blocks: str = "tensor", steps: int = 100, lr: float = 0.05, init: float = 0.3,
-                seed: int = 0, dtype: str = "float32", log=print) -> dict:
-    """`atlas` (learned coefficients) or `task_arithmetic_tuned` (one line-searched
-    coefficient) of `expert_dirs` over `base_dir`, from labelled `rows`; saved with a card."""
-    from mergescale.rule_methods.atlas_plan import ATLAS_METHODS
+HYPERPARAMETERS = (
+    Hyperparameter("examples", "int", 16, "Labelled validation examples per task of the subset.", low=1),
+    Hyperparameter("blocks", "str", "tensor",
+                   "One coefficient per parameter tensor (the paper's), decoder layer (embeddings, final "
+                   "norm and head share one) or expert.", choices=BLOCKINGS),
+    Hyperparameter("steps", "int", 100, "Full-batch Adam steps.", low=1),
+    Hyperparameter("lr", "float", 0.05, "Peak learning rate (cosine-decayed to 1%).", low=0.0, low_inclusive=False),
+    Hyperparameter("init", "float", 0.3, "Initial coefficient."),
+)
+LINE_SEARCH_HYPERPARAMETERS = HYPERPARAMETERS[:1]  # the same labelled examples
+ATLAS_PAPER = ("Zhang et al. 2024, Knowledge Composition using Task Vectors with Learned Anisotropic "
+               "Scaling, https://arxiv.org/abs/2407.02880")
+ATLAS_DESCRIPTION = ("Task arithmetic with one coefficient per expert and parameter block, learned by "
+                     "gradient descent on labelled validation examples (aTLAS).")
+LINE_SEARCH_PAPER = "Ilharco et al. 2023, Editing models with task arithmetic, https://arxiv.org/abs/2212.04089"
+LINE_SEARCH_DESCRIPTION = ("Task arithmetic with one coefficient for all experts, chosen by line "
+                           "search on the same labelled validation examples as aTLAS.")
 
-    if method not in ATLAS_METHODS:
-        raise ValueError(f"method {method!r}: expected one of {sorted(ATLAS_METHODS)}")
+
+def merge_atlas(method: str, base_dir: Path, expert_dirs: list[Path], rows: list[dict], out_dir: Path, *,
+                blocks: str | None = None, steps: int | None = None, lr: float | None = None,
+                init: float | None = None, seed: int = 0, dtype: str = "float32", log=print) -> dict:
+    """`atlas` (learned coefficients; blocks, steps, lr and init: HYPERPARAMETERS) or
+    `task_arithmetic_tuned` (one line-searched coefficient) of `expert_dirs` over
+    `base_dir`, from labelled `rows`; saved with a card."""
+    if method not in ("atlas", "task_arithmetic_tuned"):
+        raise ValueError(f"method {method!r}: expected atlas or task_arithmetic_tuned")
     if not rows:
         raise ValueError(f"{method} needs labelled validation examples")
     start = time.perf_counter()
@@ -135,15 +155,16 @@ def merge_atlas(method: str, base_dir: Path, expert_dirs: list[Path], rows: list
     if method == "atlas":
         coef = learn_coefficients(tvm, batch, steps=steps, lr=lr, init=init, log=log)
         params = {"blocks": blocks, "steps": steps, "lr": lr, "init": init}
+        description, paper = ATLAS_DESCRIPTION, ATLAS_PAPER
     else:
         lam, _ = line_search_coefficient(tvm, batch)
         coef = torch.full((len(experts), 1), lam)
         params = {"lambda": lam}
+        description, paper = LINE_SEARCH_DESCRIPTION, LINE_SEARCH_PAPER
     with torch.no_grad():
         loss = tvm.loss(coef, batch).item()
         model.load_state_dict(tvm.params(coef), strict=False)
     log(f"{method}: validation answer loss {loss:.4f} on {len(rows)} examples")
-    description, paper = ATLAS_METHODS[method]
     return write_merged_checkpoint(model.state_dict(), Path(base_dir), Path(out_dir), {
         "method": method, "description": description, "paper": paper,
         "params": {**params, "examples": len(rows), "validation_loss": loss},
@@ -153,3 +174,27 @@ def merge_atlas(method: str, base_dir: Path, expert_dirs: list[Path], rows: list
                     for i, d in enumerate(expert_dirs)],
         "seed": seed, "blocks": tvm.blocks if method == "atlas" else ["model"],
     }, dtype=dtype, started=start)
+
+
+def labelled_rows(job: RuleJob) -> list[dict]:
+    """The first `examples` validation examples of each task of the subset."""
+    from mergescale.tasks import read_jsonl
+
+    n = job.params["examples"]
+    return [row for path in job.data["validation_data"] for row in read_jsonl(Path(path))[:n]]
+
+
+@register_rule_method(name="atlas", hyperparameters=HYPERPARAMETERS, paper=ATLAS_PAPER,
+                      description=ATLAS_DESCRIPTION, needs=("validation_data",), batch_eval=True)
+def run_atlas(job: RuleJob) -> dict:
+    settings = {k: v for k, v in job.params.items() if k != "examples"}
+    return merge_atlas("atlas", job.base, job.experts, labelled_rows(job), job.out_dir,
+                       seed=job.seed, dtype=job.dtype, log=job.log, **settings)
+
+
+@register_rule_method(name="task_arithmetic_tuned", hyperparameters=LINE_SEARCH_HYPERPARAMETERS,
+                      paper=LINE_SEARCH_PAPER, description=LINE_SEARCH_DESCRIPTION,
+                      needs=("validation_data",), batch_eval=True)
+def run_line_search(job: RuleJob) -> dict:
+    return merge_atlas("task_arithmetic_tuned", job.base, job.experts, labelled_rows(job), job.out_dir,
+                       seed=job.seed, dtype=job.dtype, log=job.log)

@@ -36,7 +36,8 @@ import torch
 
 from mergescale.training.lora import ADAPTER_DIR
 from mergescale.merge.errors import MergeInputError
-from mergescale.merge.registry import Hyperparameter
+from mergescale.merge.registry import Hyperparameter, check_hyperparameters
+from mergescale.rule_methods.registry import RuleJob, register_rule_method
 
 PAPER = "https://arxiv.org/abs/2409.16167"
 DESCRIPTION = ("LoRA-LEGO: the rank-one units of every expert's LoRA adapter clustered by k-means into "
@@ -247,11 +248,12 @@ def merge_lora_lego(base_dir: Path | str, expert_dirs: list[Path | str], out_dir
     from mergescale.merge.in_memory import load_state, open_checkpoints, write_merged_checkpoint
 
     start = time.perf_counter()
+    params = check_hyperparameters(HYPERPARAMETERS, params, "rule-method lora_lego", "params.")
     base_dir, expert_dirs = Path(base_dir), [Path(e) for e in expert_dirs]
     adapters = [read_adapter(e) for e in expert_dirs]
     for c in open_checkpoints(base_dir, expert_dirs):  # same config and tensors as the base
         c.close()
-    result = lora_lego(adapters, rank=params.get("rank", 0), iters=params.get("iters", 50))
+    result = lora_lego(adapters, rank=params["rank"], iters=params["iters"])
     state = {n: t.float() if t.is_floating_point() else t for n, t in load_state(base_dir).items()}
     for name in result.lora_a:
         if name not in state or state[name].shape != result.lora_b[name].shape[:1] + result.lora_a[name].shape[1:]:
@@ -261,7 +263,7 @@ def merge_lora_lego(base_dir: Path | str, expert_dirs: list[Path | str], out_dir
     units = sum(ad.r for ad in adapters)
     card = write_merged_checkpoint(state, base_dir, Path(out_dir), {
         "method": "lora_lego", "description": DESCRIPTION, "paper": PAPER,
-        "params": {"rank": result.rank, "iters": params.get("iters", 50)},
+        "params": {"rank": result.rank, "iters": params["iters"]},
         "base": {"path": str(base_dir.resolve())},
         "experts": [{"path": str(e.resolve()), "params": {"r": ad.r, "scale": ad.scale}}
                     for e, ad in zip(expert_dirs, adapters)],
@@ -272,3 +274,16 @@ def merge_lora_lego(base_dir: Path | str, expert_dirs: list[Path | str], out_dir
     log(f"lora_lego: {units} units per module of {len(adapters)} adapter(s) -> rank {result.rank} "
         f"in {card['wall_time_s']:.2f}s -> {out_dir}")
     return card
+
+
+@register_rule_method(
+    name="lora_lego",
+    hyperparameters=HYPERPARAMETERS,
+    paper=PAPER,
+    description=DESCRIPTION,
+    needs=("lora_adapters",),
+    check_config=check_lora_bases,
+)
+def run(job: RuleJob) -> dict:
+    return merge_lora_lego(base_dir=job.base, expert_dirs=job.experts, out_dir=job.out_dir,
+                           params=job.params, seed=job.seed, dtype=job.dtype, log=job.log)

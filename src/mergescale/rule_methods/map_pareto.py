@@ -29,6 +29,7 @@ import torch
 from mergescale.evaluate.harness import Candidate
 from mergescale.merge.checkpoint import Checkpoint
 from mergescale.merge.registry import Hyperparameter
+from mergescale.rule_methods.registry import RuleJob, register_rule_method
 from mergescale.merge.in_memory import read_float
 
 PAPER = "https://arxiv.org/abs/2406.07529"
@@ -293,3 +294,18 @@ def front_summary(front: "pd.DataFrame") -> "pd.DataFrame":
             "front_abs_error": round(float((sel.predicted - sel.measured).abs().mean()), 4),
         })
     return pd.DataFrame(out)
+
+
+@register_rule_method(
+    name="map",
+    hyperparameters=HYPERPARAMETERS,
+    paper=PAPER,
+    description=DESCRIPTION,
+    needs=("validation_tasks",),
+    own_rule=True,  # workflow/rules/methods/map.smk: its front table and figure
+)
+def run(job: RuleJob) -> dict:
+    return run_map_job(
+        base_dir=job.base, expert_dirs=dict(zip(job.tasks, job.experts)), out_dir=job.out_dir,
+        front_csv=job.outputs["front"], task_dir=job.data["validation_tasks"][0].parent, params=job.params,
+        labels=job.labels, dtype=job.dtype, seed=job.seed, log=job.log, **job.evaluate)

@@ -34,6 +34,7 @@ import torch
 from mergescale.evaluate.harness import Candidate
 from mergescale.merge.checkpoint import Checkpoint
 from mergescale.merge.registry import Hyperparameter
+from mergescale.rule_methods.registry import RuleJob, register_rule_method
 from mergescale.merge.in_memory import read_float, tensor_bytes
 
 PAPER = "https://arxiv.org/abs/2501.09522"
@@ -277,3 +278,18 @@ def continual_normalized(curves, expert_scores: Mapping[tuple[str, str], float])
                                                held_in_raw=("score", "mean"), tasks=("task", "count"))
     out["k"] = out.combo.map(lambda c: parse_combo(c)[0])
     return out.sort_values(keys).reset_index(drop=True)
+
+
+@register_rule_method(
+    name="opcm",
+    hyperparameters=HYPERPARAMETERS,
+    paper=PAPER,
+    description=DESCRIPTION,
+    needs=("test_tasks",),
+    own_rule=True,  # workflow/rules/methods/opcm.smk: its curves table and figure
+)
+def run(job: RuleJob) -> dict:
+    return run_opcm_job(
+        base_dir=job.base, expert_dirs=dict(zip(job.tasks, job.experts)), out_dir=job.out_dir,
+        curves_csv=job.outputs["curves"], task_dir=job.data["test_tasks"][0].parent, params=job.params,
+        labels=job.labels, dtype=job.dtype, seed=job.seed, log=job.log, **job.evaluate)

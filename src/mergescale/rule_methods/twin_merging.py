@@ -25,12 +25,16 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mergescale.merge.errors import MergeInputError
+from mergescale.merge.registry import Hyperparameter
+from mergescale.rule_methods.registry import RuleJob, register_rule_method
 
 log = logging.getLogger("mergescale.rule_methods.twin_merging")
 
@@ -42,49 +46,42 @@ SPEC_MODEL = "mergescale-twin"
 SPEC_MODULE = "mergescale.rule_methods.twin_merging_lm"  # registers SPEC_MODEL with lm-eval
 PAPER = "https://arxiv.org/abs/2406.15479"
 SHARED_METHODS = ("task_arithmetic", "ties")
+DESCRIPTION = "Shared merge plus per-input router-weighted, SVD-compressed exclusive parts."
 
 
 # -- hyperparameters -----------------------------------------------------------------
 
+HYPERPARAMETERS = (
+    Hyperparameter("rank", "int", 4, "Rank of each compressed exclusive matrix.", low=1),
+    Hyperparameter("shared_method", "str", "ties", "Engine method that builds the shared model.",
+                   choices=SHARED_METHODS),
+    Hyperparameter("shared_params", "mapping", {"density": 0.2, "lambda": 1.0},
+                   "Hyperparameters of shared_method (checked against its schema)."),
+    Hyperparameter("router_steps", "int", 300, "Full-batch Adam steps of the router on the validation prompts.",
+                   low=1),
+    Hyperparameter("router_lr", "float", 0.05, "Router learning rate.", low=0.0, low_inclusive=False),
+)
+
 
 @dataclass(frozen=True)
 class TwinParams:
-    rank: int = 4  # rank of each compressed exclusive matrix
-    shared_method: str = "ties"  # engine method that builds the shared model
-    shared_params: dict = field(default_factory=lambda: {"density": 0.2, "lambda": 1.0})
-    router_steps: int = 300  # full-batch Adam steps on the validation prompts
-    router_lr: float = 0.05
+    """The checked params (defaults: HYPERPARAMETERS, filled in by the registry)."""
+
+    rank: int
+    shared_method: str
+    shared_params: dict
+    router_steps: int
+    router_lr: float
 
 
-def check_params(params: dict | None, where: str = "params") -> TwinParams:
-    """Validate a config's Twin-Merging params; errors name the key (``where``.<key>).
-    Registered in mergescale.rule_methods.registry, which calls it when the config is loaded."""
-    from mergescale.errors import ConfigError
-    from mergescale.merge import MergeInputError, validate_params
+def check_shared_params(params: dict, where: str = "params") -> None:
+    """shared_params against shared_method's schema; the registry calls it after the flat checks."""
+    from mergescale.merge import validate_params
 
-    params = dict(params or {})
-    known = TwinParams.__dataclass_fields__
-    for key in params:
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: not a Twin-Merging parameter; "
-                              f"allowed: {', '.join(known)}")
-    if not isinstance(params.get("shared_params", {}), dict):
-        raise ConfigError(f"{where}.shared_params: expected a mapping, got {params['shared_params']!r}")
-    out = TwinParams(**params)
-    for key in ("rank", "router_steps"):
-        value = getattr(out, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}.{key}: expected a positive integer, got {value!r}")
-    if isinstance(out.router_lr, bool) or not isinstance(out.router_lr, (int, float)) or not out.router_lr > 0:
-        raise ConfigError(f"{where}.router_lr: expected a positive number, got {out.router_lr!r}")
-    if out.shared_method not in SHARED_METHODS:
-        raise ConfigError(f"{where}.shared_method: {out.shared_method!r} is not one of "
-                          f"{list(SHARED_METHODS)}")
     try:
-        validate_params(out.shared_method, out.shared_params)
+        validate_params(params["shared_method"], params["shared_params"])
     except MergeInputError as err:
-        raise ConfigError(f"{where}.shared_params: {err}") from None
-    return out
+        raise MergeInputError(f"{where}.shared_params: {err}") from None
 
 
 # -- exclusive knowledge: truncated SVD per matrix --------------------------------------
@@ -396,7 +393,7 @@ def build_twin(*, base: Path, experts: list[Path], tasks: list[str], validation_
                          "validation files: one of each per expert")
     with rule_method_output(
         out_dir, method="twin_merging", paper=PAPER, params=asdict(params), base=base, experts=experts,
-        description="Shared merge plus per-input router-weighted, SVD-compressed exclusive parts.",
+        description=DESCRIPTION,
         seed=seed, dtype=dtype, device="cpu",
     ) as (tmp, card):
         t0 = time.perf_counter()
@@ -440,4 +437,22 @@ def build_twin(*, base: Path, experts: list[Path], tasks: list[str], validation_
             "storage_bytes": {"shared": shared.card["output_bytes"], "exclusive": exclusive_bytes,
                               "router": router_bytes, "exclusive_dense": dense_bytes},
         })
+    return card
+
+
+@register_rule_method(
+    name="twin_merging",
+    hyperparameters=HYPERPARAMETERS,
+    paper=PAPER,
+    description=DESCRIPTION,
+    needs=("validation_data",),
+    output="model_spec",
+    check=check_shared_params,
+)
+def run(job: RuleJob) -> dict:
+    card = build_twin(base=job.base, experts=job.experts, tasks=job.tasks,
+                      validation_files=job.data["validation_data"], out_dir=job.out_dir,
+                      params=TwinParams(**job.params), seed=job.seed, dtype=job.dtype, log_fn=job.log)
+    job.log(f"done in {card['wall_time_s']:.2f}s, peak RSS {card['peak_rss_bytes'] / 2**20:.0f} MiB, "
+            f"storage {card['storage_bytes']}")
     return card

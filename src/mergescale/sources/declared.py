@@ -28,11 +28,19 @@ def lm_eval_split_tasks(spec: dict, split: str) -> list[str]:
 
 def needs_validation_rows(config: dict) -> bool:
     """Whether any merge reads validation data (tuning, statistics, fits, rule-methods)."""
-    from mergescale.merge import get_method
+    from mergescale.merge import MergeInputError, get_method
+    from mergescale.rule_methods.registry import get_rule_method
 
     for spec in config["merge"]["methods"].values():
-        if spec.get("tune") or spec.get("rule") in ("twin_merging", "map", "atlas"):
+        if spec.get("tune"):
             return True
+        if "rule" in spec:
+            try:
+                needs = get_rule_method(spec["rule"]).needs
+            except MergeInputError:  # reported, with the key, by the method checks
+                continue
+            if {"validation_data", "validation_tasks"} & set(needs):
+                return True
         if "method" in spec:
             try:
                 method = get_method(spec["method"])
@@ -40,7 +48,7 @@ def needs_validation_rows(config: dict) -> bool:
                 continue
             if method.needs_data or method.needs_stats_rule:
                 return True
-    return bool(config.get("atlas") or config.get("cross_seed"))
+    return bool(config.get("cross_seed"))
 
 
 def procedural_tasks(config: dict) -> list[str]:

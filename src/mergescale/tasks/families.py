@@ -195,10 +195,8 @@ def get_family(name: str) -> TaskFamily:
     try:
         return FAMILIES[name]
     except KeyError:
-        import difflib
+        from mergescale.errors import did_you_mean
 
-        close = difflib.get_close_matches(name, FAMILIES, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(
-            f"unknown task family {name!r}.{hint} Known: {', '.join(sorted(FAMILIES))}"
+            f"unknown task family {name!r}{did_you_mean(name, FAMILIES)}. Known: {', '.join(sorted(FAMILIES))}"
         ) from None

@@ -8,31 +8,30 @@ if MAP_METHODS:
 
 rule merge_map:
     input:
-        base="results/bases/{base}",
-        experts=get_expert_dirs,
-        tasks=lambda wc: [f"results/tasks/{t}_validation.yaml" for t in COMBOS[wc.combo]],
-        code=package_source("mergescale.rule_methods.map_pareto"),
+        unpack(get_rule_method_inputs),
     output:
         model=merge_output("results/merged/{base}/{method}/{combo}"),
         front="results/pareto/{base}/{combo}/{method}.csv",
     log:
-        "results/logs/merge/{base}/{method}/{combo}.log",
+        "results/logs/merge_rule_method/{method}/{base}/{combo}.log",
     benchmark:
-        "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
+        "results/benchmarks/merge_rule_method/{method}/{base}/{combo}.tsv"
     wildcard_constraints:
-        method=one_of(MAP_METHODS),
-    params:
-        tasks=lambda wc: COMBOS[wc.combo],
-        params=lambda wc: METHODS[wc.method].get("params", {}),
-        dtype=config["merge"]["dtype"],
-        seed=config["seed"],
-        batch_size=config["evaluate"]["batch_size"],
-        limit=config["evaluate"]["limit"],
+        method=methods_using("map"),
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("merge_map"),
+    params:
+        rule=rule_method_name,
+        params=method_params,
+        tasks=subset_tasks,
+        evaluate=EVALUATE_SETTINGS,
+        dtype=config["merge"]["dtype"],
+        seed=config["seed"],
     script:
-        "../../scripts/map_pareto.py"
+        "../../scripts/merge_rule_method.py"
 
 
 localrules:
@@ -53,5 +52,7 @@ rule report_map:
         plot=report("results/plots/map_front.png", caption="../../report/map.rst", category="Figures"),
     log:
         "results/logs/report_map.log",
+    conda:
+        SOFTWARE
     script:
         "../../scripts/report_map.py"

@@ -8,31 +8,30 @@ if OPCM_METHODS:
 
 rule merge_opcm:
     input:
-        base="results/bases/{base}",
-        experts=get_expert_dirs,
-        tasks=lambda wc: [f"results/tasks/{t}_test.yaml" for t in COMBOS[wc.combo]],
-        code=package_source("mergescale.rule_methods.opcm"),
+        unpack(get_rule_method_inputs),
     output:
         model=merge_output("results/merged/{base}/{method}/{combo}"),
         curves="results/continual/{base}/{combo}/{method}.csv",
     log:
-        "results/logs/merge/{base}/{method}/{combo}.log",
+        "results/logs/merge_rule_method/{method}/{base}/{combo}.log",
     benchmark:
-        "results/benchmarks/merge/{base}/{method}/{combo}.tsv"
+        "results/benchmarks/merge_rule_method/{method}/{base}/{combo}.tsv"
     wildcard_constraints:
-        method=one_of(OPCM_METHODS),
-    params:
-        tasks=lambda wc: COMBOS[wc.combo],
-        params=lambda wc: METHODS[wc.method].get("params", {}),
-        dtype=config["merge"]["dtype"],
-        seed=config["seed"],
-        batch_size=config["evaluate"]["batch_size"],
-        limit=config["evaluate"]["limit"],
+        method=methods_using("opcm"),
+    conda:
+        SOFTWARE
     threads: 1
     resources:
         **rule_resources("merge_opcm"),
+    params:
+        rule=rule_method_name,
+        params=method_params,
+        tasks=subset_tasks,
+        evaluate=EVALUATE_SETTINGS,
+        dtype=config["merge"]["dtype"],
+        seed=config["seed"],
     script:
-        "../../scripts/opcm.py"
+        "../../scripts/merge_rule_method.py"
 
 
 localrules:
@@ -57,5 +56,7 @@ rule plot_continual:
         "results/tables/continual.csv",
     log:
         "results/logs/plot_continual.log",
+    conda:
+        SOFTWARE
     script:
         "../../scripts/plot_continual.py"

@@ -23,6 +23,9 @@ CROSS_SEED_METHODS = {
 }
 
 DEFAULT_ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+# The section's defaults, the one place they are set (config/README.md describes each key).
+DEFAULTS = {"max_iter": 100, "pleas": {"examples": 64, "ridge": 1e-4},
+            "barrier": {"alphas": DEFAULT_ALPHAS, "examples": 100, "limit": 50}}
 METHOD_PREFIX = "cross_"  # results/merged/{base_a}/cross_{method}/{combo}
 
 
@@ -34,6 +37,9 @@ class CrossSeedPlan:
     methods: list[str]
     expert_pairs: list[str]  # tasks whose experts of A and B get a barrier curve
     score_tasks: list[str]  # tasks the bases' barrier curves are scored on
+    max_iter: int = DEFAULTS["max_iter"]  # weight-matching sweeps at most
+    pleas: dict | None = None  # examples, ridge (DEFAULTS filled in)
+    barrier: dict | None = None  # alphas (sorted), examples, limit (DEFAULTS filled in)
 
     def merged_dir(self, method: str, combo: str) -> str:
         return f"merged/{self.base_a}/{METHOD_PREFIX}{method}/{combo}"
@@ -43,6 +49,13 @@ class CrossSeedPlan:
 
     def final_outputs(self) -> list[str]:
         return ["results/tables/barrier.csv", "results/plots/barrier.png"]
+
+    def eval_batches(self) -> dict[str, list[str]]:
+        """Its merges join the grid's batch of base A and the subset."""
+        return {f"merged/{self.base_a}/{c}": [self.merged_dir(m, c) for m in self.methods] for c in self.combos}
+
+    def own_bases(self) -> list[str]:
+        return [self.base_b]
 
     def experts(self, combo: str) -> tuple[list[str], list[str]]:
         tasks_a, tasks_b = self.combos[combo]
@@ -96,4 +109,8 @@ def cross_seed_plan(config: dict, combos: dict[str, list[str]]) -> CrossSeedPlan
         if t not in all_tasks:
             raise ConfigError(f"config key cross_seed.barrier.score_tasks: {t!r} is not a configured task")
     chosen = {c: split_tasks(tasks) for c, tasks in combos.items() if parse_combo(c)[0] in ks}
-    return CrossSeedPlan(a, b, chosen, methods, pairs, score_tasks)
+    pleas = {**DEFAULTS["pleas"], **section.get("pleas", {})}
+    settings = {**DEFAULTS["barrier"], **{k: barrier[k] for k in ("examples", "limit") if k in barrier},
+                "alphas": sorted(alphas)}
+    return CrossSeedPlan(a, b, chosen, methods, pairs, score_tasks,
+                         section.get("max_iter", DEFAULTS["max_iter"]), pleas, settings)

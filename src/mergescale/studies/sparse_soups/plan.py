@@ -70,6 +70,14 @@ class SparseSoupsPlan:
     def final_outputs(self) -> list[str]:
         return ["results/tables/sparse_soups.md", "results/plots/sparse_soups.png"]
 
+    def eval_batches(self) -> dict[str, list[str]]:
+        """The soups and best copies of one (base, task), every cycle, in one batch."""
+        return {f"sparse/{b}/{t}": [f"sparse/{b}/{t}/c{c}/{name}" for c in self.cycles for name in MODELS]
+                for b in self.bases for t in self.tasks}
+
+    def own_bases(self) -> list[str]:
+        return []
+
 
 def sparse_soups_plan(config: dict) -> SparseSoupsPlan | None:
     section = config.get("sparse_soups")

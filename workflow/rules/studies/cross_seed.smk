@@ -5,17 +5,6 @@
 
 if CROSS_SEED:
 
-    CROSS_SEED_CFG = config["cross_seed"]
-
-    def get_cross_seed_inputs(wildcards):
-        experts_a, experts_b = CROSS_SEED.experts(wildcards.combo)
-        tasks = COMBOS[wildcards.combo]
-        return {
-            "experts_a": experts_a,
-            "experts_b": experts_b,
-            "data": [f"results/data/{t}/validation.jsonl" for t in tasks],
-        }
-
     rule merge_cross_seed:
         input:
             unpack(get_cross_seed_inputs),
@@ -30,18 +19,20 @@ if CROSS_SEED:
         wildcard_constraints:
             xmethod="|".join(CROSS_SEED.methods),
             combo="|".join(CROSS_SEED.combos),
-        params:
-            max_iter=CROSS_SEED_CFG.get("max_iter", 100),
-            pleas=CROSS_SEED_CFG.get("pleas", {}),
-            dtype=config["merge"]["dtype"],
-            seed=config["seed"],
+        conda:
+            SOFTWARE
         threads: 1
         resources:
             **rule_resources("merge_cross_seed"),
+        params:
+            max_iter=CROSS_SEED.max_iter,
+            pleas=CROSS_SEED.pleas,
+            dtype=config["merge"]["dtype"],
+            seed=config["seed"],
         script:
             "../../scripts/weight_matching.py"
 
-    rule barrier:
+    rule measure_barrier:
         input:
             base_a=f"results/bases/{CROSS_SEED.base_a}",
             base_b=f"results/bases/{CROSS_SEED.base_b}",
@@ -56,16 +47,18 @@ if CROSS_SEED:
             "results/logs/barrier.log",
         benchmark:
             "results/benchmarks/barrier.tsv"
+        conda:
+            SOFTWARE
+        threads: 1
+        resources:
+            **rule_resources("measure_barrier"),
         params:
             expert_tasks=CROSS_SEED.expert_pairs,
             score_tasks=CROSS_SEED.score_tasks,
-            barrier=CROSS_SEED_CFG.get("barrier", {}),
-            max_iter=CROSS_SEED_CFG.get("max_iter", 100),
+            barrier=CROSS_SEED.barrier,
+            max_iter=CROSS_SEED.max_iter,
             batch_size=config["evaluate"]["batch_size"],
             seed=config["seed"],
-        threads: 1
-        resources:
-            **rule_resources("barrier"),
         script:
             "../../scripts/barrier.py"
 
@@ -77,5 +70,7 @@ if CROSS_SEED:
         log:
             "results/logs/plot_barrier.log",
         localrule: True
+        conda:
+            SOFTWARE
         script:
             "../../scripts/plot_barrier.py"

@@ -5,9 +5,7 @@
 
 if SPARSE_SOUPS:
 
-    EXTRA_FINAL_OUTPUT.extend(SPARSE_SOUPS.final_outputs())
-
-    rule sparse_soup_cycle:
+    rule run_sparse_soup_cycle:
         input:
             start=lambda wc: SPARSE_SOUPS.start_dir(wc.base, wc.task, int(wc.cycle)),
             train="results/data/{task}/train.jsonl",
@@ -27,6 +25,11 @@ if SPARSE_SOUPS:
             base=one_of(SPARSE_SOUPS.bases),
             task=one_of(SPARSE_SOUPS.tasks),
             cycle=one_of([str(c) for c in SPARSE_SOUPS.cycles]),
+        conda:
+            SOFTWARE
+        threads: 1
+        resources:
+            **rule_resources("run_sparse_soup_cycle"),
         params:
             sparsity=lambda wc: SPARSE_SOUPS.sparsities[int(wc.cycle) - 1],
             settings=lambda wc: SPARSE_SOUPS.copy_settings(int(wc.cycle)),
@@ -37,9 +40,6 @@ if SPARSE_SOUPS:
                 "limit": config["evaluate"]["limit"],
                 "seed": config["seed"],
             },
-        threads: 1
-        resources:
-            **rule_resources("sparse_soup_cycle"),
         script:
             "../../scripts/sparse_soup_cycle.py"
 
@@ -54,8 +54,10 @@ if SPARSE_SOUPS:
             pdf="results/plots/sparse_soups.pdf",
         log:
             "results/logs/report_sparse_soups.log",
+        localrule: True
+        conda:
+            SOFTWARE
         params:
             bases=[base for base, _, _ in SPARSE_SOUPS.units()],  # the base of each card
-        localrule: True
         script:
             "../../scripts/report_sparse_soups.py"
