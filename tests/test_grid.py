@@ -98,6 +98,19 @@ def test_bad_instruct_base_names_the_key(spec, key):
         check_semantics(_with_base(spec))
 
 
+def test_replay_needs_the_pretraining_mixture_and_is_a_share():
+    from mergescale.config import check_schema
+    from mergescale.sources.grid import uses_replay
+
+    assert uses_replay(load_config(REPO / "config" / "config.yaml"))
+    assert uses_replay(load_config(STUDY))
+    smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    assert not uses_replay(smoke)
+    smoke["finetune"]["expert"]["replay"] = 1.0  # a whole batch of replay trains no expert
+    with pytest.raises(ConfigError, match="replay"):
+        check_schema(smoke)
+
+
 def test_search_space_from_registry_and_config():
     # the registered lambda grid, with 1/k first (k = 2 stands in when k is not given)
     assert search_space("task_arithmetic", True) == {"lambda": [0.5, 0.3, 0.7, 1.0]}
@@ -250,16 +263,23 @@ def test_instruct_base_trains_through_the_workflow(tmp_path):
 
     config = yaml.safe_load(SMOKE_CONFIG.read_text())
     config["bases"]["smoke-it"] = {"source": "instruct", "from": "smoke",
-                                   "train": {"steps": 10, "batch_size": 16, "lr": 1.0e-3}}
+                                   "train": {"steps": 10, "batch_size": 16, "lr": 1.0e-3, "replay": 0.25}}
     config["bases"]["smoke"]["pretrain"]["steps"] = 10
+    config["finetune"]["expert"].update(steps=5, replay=0.5)
+    task = config["tasks"]["held_in"][0]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    snakemake(tmp_path, "--cores", "1", "results/bases/smoke-it", config=path)
+    snakemake(tmp_path, "--cores", "1", "results/bases/smoke-it", f"results/experts/smoke/{task}", config=path)
     card = json.loads((tmp_path / "results/bases/smoke-it/training_card.json").read_text())
     assert card["stage"] == "instruct_base" and card["config"]["steps"] == 10
     assert card["tasks"] == instruct_tasks()
     benchmark = config["tasks"]["held_in"] + config["tasks"]["held_out"]
     assert not set(card["tasks"]) & set(benchmark)
+    # replay: a share of each batch from the pretraining mixture, never a benchmark family
+    expert = json.loads((tmp_path / f"results/experts/smoke/{task}/training_card.json").read_text())
+    assert expert["tasks"] == [task] and expert["config"]["replay"] == 0.5
+    for c in (card, expert):
+        assert c["replay_tasks"] == pretrain_tasks() and not set(c["replay_tasks"]) & set(benchmark)
     base_card = json.loads((tmp_path / "results/bases/smoke/training_card.json").read_text())
     assert base_card["tasks"] == pretrain_tasks() and not set(base_card["tasks"]) & set(benchmark)
 

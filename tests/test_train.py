@@ -81,3 +81,55 @@ def test_training_cards_list_their_families_and_keep_benchmarks_out(tmp_path):
     benchmark = set(families_with_role("task"))
     assert base["tasks"] == pretrain_tasks() and it["tasks"] == instruct_tasks()
     assert not (set(base["tasks"]) | set(it["tasks"])) & benchmark
+
+
+def test_replay_share_of_each_batch_comes_from_the_replay_mixture(tmp_path):
+    """An expert with replay sees its task in (1 - replay) of each batch and the
+    pretraining mixture in the rest; its card lists both, and no benchmark family is
+    among the replayed ones."""
+    from mergescale.sources.grid import pretrain_tasks
+    from mergescale.tasks.families import families_with_role
+    from mergescale.training.loop import train
+
+    tok = TOK
+    model = new_llama(TinyShape(**SHAPE), tok, 0)
+    rows = {"first_letter": make_splits("first_letter", {"train": 40, "validation": 1, "test": 1})["train"]}
+    replay = {t: make_splits(t, {"train": 40, "validation": 1, "test": 1})["train"] for t in ("text", "third_letter")}
+    seen = []
+    orig = collate
+
+    import mergescale.training.loop as train_mod
+
+    def spy(batch, pad_id):
+        seen.append([tok.decode(ids) for ids, _ in batch])
+        return orig(batch, pad_id)
+
+    train_mod.collate, saved = spy, train_mod.collate
+    try:
+        torch.set_num_threads(1)
+        summary = train(model, tok, rows, TrainConfig(steps=3, batch_size=8, replay=0.25),
+                        log=lambda m: None, replay_by_task=replay)
+    finally:
+        train_mod.collate = saved
+    assert summary["replay_tasks"] == ["text", "third_letter"]
+    for batch in seen:
+        assert sum(text.startswith("first ") for text in batch) == 6  # 8 - round(0.25 * 8)
+    with pytest.raises(ValueError, match="replay mixture"):
+        train(model, tok, rows, TrainConfig(steps=1, batch_size=8, replay=0.5), log=lambda m: None)
+    with pytest.raises(ValueError, match="replay"):
+        TrainConfig(steps=1, replay=1.0)
+
+    def files(tasks):
+        out = {}
+        for task in tasks:
+            out[task] = tmp_path / "data" / f"{task}.jsonl"
+            write_jsonl(make_splits(task, {"train": 30, "validation": 2, "test": 2})["train"], out[task])
+        return out
+
+    pretrain_base(SHAPE, {"steps": 2, "batch_size": 8}, files(["text"]), tmp_path / "base", log=lambda m: None)
+    card = finetune(tmp_path / "base", {"steps": 2, "batch_size": 8, "replay": 0.5}, files(["first_letter"]),
+                    tmp_path / "expert", stage="finetune_expert", log=lambda m: None,
+                    replay_files=files(pretrain_tasks()))
+    assert card["tasks"] == ["first_letter"] and card["replay_tasks"] == pretrain_tasks()
+    assert card["config"]["replay"] == 0.5
+    assert not set(card["replay_tasks"]) & set(families_with_role("task"))

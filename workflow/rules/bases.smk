@@ -26,6 +26,7 @@ rule pretrain_base:
 rule instruct_base:
     input:
         unpack(lambda wc: train_files(INSTRUCT_TASKS)),
+        unpack(lambda wc: replay_files(config["bases"][wc.base]["train"])),
         base=lambda wc: f"results/bases/{config['bases'][wc.base]['from']}",
     output:
         directory("results/bases/{base}"),

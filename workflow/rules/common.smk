@@ -11,7 +11,14 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 from mergescale.tasks.combos import ALL_HELD_IN, expert_subsets, parse_combo
 from mergescale.config import check_schema, check_semantics
 from mergescale.evaluate.harness import check_backend
-from mergescale.sources.grid import base_labels, finetune_settings, instruct_tasks, pretrain_tasks
+from mergescale.sources.grid import (
+    REPLAY_PREFIX,
+    base_labels,
+    finetune_settings,
+    instruct_tasks,
+    pretrain_tasks,
+    uses_replay,
+)
 from mergescale.studies import study_plans
 from mergescale.studies.cross_seed.plan import cross_seed_plan
 from mergescale.studies.sparse_soups.plan import sparse_soups_plan
@@ -91,7 +98,7 @@ FETCHED_BASES = fetched_bases(config)
 FETCHED_EXPERT_BASES = bases_with_fetched_experts(config)
 # Pretraining and instruction tuning read families of their own (mergescale.tasks.families:
 # roles), disjoint from the held-in and held-out ones; those need data too.
-PRETRAIN_TASKS = pretrain_tasks() if PRETRAINED_BASES else []
+PRETRAIN_TASKS = pretrain_tasks() if PRETRAINED_BASES or uses_replay(config) else []
 INSTRUCT_TASKS = instruct_tasks() if INSTRUCT_BASES else []
 DATA_TASKS = PROCEDURAL_TASKS + [t for t in PRETRAIN_TASKS + INSTRUCT_TASKS if t not in PROCEDURAL_TASKS]
 
@@ -201,6 +208,14 @@ def train_files(tasks):
 
 def expert_train_config(base):
     return {"seed": config["seed"], **finetune_settings(config, base, "expert")}
+
+
+def replay_files(train_cfg):
+    """The pretraining mixture's training files, as inputs `replay__<task>`, for a run
+    whose `replay` share of each batch comes from it (none without replay)."""
+    if not train_cfg.get("replay"):
+        return {}
+    return {f"{REPLAY_PREFIX}{t}": f"results/data/{t}/train.jsonl" for t in PRETRAIN_TASKS}
 
 
 # The multitask reference: one per base on every held-in task (ALL_HELD_IN, the paper's);

@@ -1,6 +1,7 @@
 rule finetune_expert:
     input:
         unpack(lambda wc: train_files([wc.task])),
+        unpack(lambda wc: replay_files(expert_train_config(wc.base))),
         base="results/bases/{base}",
     output:
         directory("results/experts/{base}/{task}"),
@@ -26,6 +27,7 @@ rule finetune_expert:
 rule finetune_multitask:
     input:
         unpack(lambda wc: train_files(multitask_tasks(wc.taskset))),
+        unpack(lambda wc: replay_files(multitask_train_config(wc.base, wc.taskset))),
         base="results/bases/{base}",
     output:
         directory("results/multitask/{base}/{taskset}"),

@@ -77,6 +77,19 @@ def finetune_settings(config: dict, base: str, stage: str) -> dict:
     return {**(config.get("finetune") or {}).get(stage, {}), **own}
 
 
+# Input names of the replay files of a fine-tuning run (``replay__<family>``).
+REPLAY_PREFIX = "replay__"
+
+
+def uses_replay(config: dict) -> bool:
+    """Whether any fine-tuning run (an expert, a multitask model, an instruct base) draws
+    a share of its batches from the pretraining mixture, so that mixture needs data."""
+    runs = [(config.get("finetune") or {}).get(stage, {}) for stage in ("expert", "multitask")]
+    for spec in config["bases"].values():
+        runs += [spec.get("train", {})] + list(spec.get("finetune", {}).values())
+    return any(run.get("replay") for run in runs)
+
+
 def pretrain_tasks() -> list[str]:
     """The pretraining mixture: primitive skills and generic text (role ``pretrain``);
     no benchmark family (held-in or held-out) is among them."""

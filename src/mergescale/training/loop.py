@@ -30,12 +30,21 @@ class TrainConfig:
     loss_on: str = "answer"  # "answer": fine-tuning; "all": pretraining on whole texts
     log_every: int = 25
     chat_template: bool = False  # format examples with the tokenizer's chat template
+    # Share of every batch drawn from a replay mixture (the base's pretraining data):
+    # an expert that keeps seeing the other skills keeps answering their keywords.
+    replay: float = 0.0
 
     def __post_init__(self):
         if self.loss_on not in ("answer", "all"):
             raise ValueError(f"loss_on must be 'answer' or 'all', not {self.loss_on!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
+        if not 0.0 <= self.replay < 1.0:
+            raise ValueError(f"replay must be a share of the batch in [0, 1), not {self.replay!r}")
+
+    @property
+    def replay_per_batch(self) -> int:
+        return round(self.replay * self.batch_size)
 
 
 def chat_texts(tokenizer, prompt: str, answer: str) -> tuple[str, str]:
@@ -107,10 +116,12 @@ def train(
     log: Callable[[str], None] = print,
     after_backward: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    replay_by_task: dict[str, list[dict]] | None = None,
 ) -> dict:
     """Train ``model`` in place on a uniform mixture of ``rows_by_task``; return a summary.
 
-    ``after_backward`` runs once the gradients exist (before clipping), ``after_step``
+    With ``cfg.replay`` > 0, that share of every batch is drawn (tasks uniformly) from
+    ``replay_by_task`` instead, with the same loss. ``after_backward`` runs once the gradients exist (before clipping), ``after_step``
     after each optimiser step: e.g. to keep pruned weights at zero (mergescale.studies.sparse_soups.cycle).
     """
     if not rows_by_task or any(not rows for rows in rows_by_task.values()):
@@ -119,6 +130,20 @@ def train(
     encoded = {task: encode(tokenizer, rows, cfg.loss_on, cfg.chat_template)
                for task, rows in rows_by_task.items()}
     tasks = sorted(encoded)
+    n_replay = cfg.replay_per_batch
+    if n_replay and not replay_by_task:
+        raise ValueError(f"replay {cfg.replay} asks for a replay mixture, and none was given")
+    if replay_by_task and any(not rows for rows in replay_by_task.values()):
+        raise ValueError(f"no replay examples for task(s): "
+                         f"{[t for t, rows in replay_by_task.items() if not rows]}")
+    replay_tasks = sorted(replay_by_task or {}) if n_replay else []
+    replay_cache: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+
+    def replay_example(task: str, i: int):  # encoded when drawn: the mixture is large
+        if (task, i) not in replay_cache:
+            row = replay_by_task[task][i]
+            replay_cache[task, i] = encode(tokenizer, [row], cfg.loss_on, cfg.chat_template)[0]
+        return replay_cache[task, i]
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters only
@@ -131,11 +156,16 @@ def train(
     recent: list[float] = []
     history = []
     for step in range(cfg.steps):
-        task_idx = torch.randint(len(tasks), (cfg.batch_size,), generator=gen).tolist()
+        task_idx = torch.randint(len(tasks), (cfg.batch_size - n_replay,), generator=gen).tolist()
         batch = []
         for t in task_idx:
             pool = encoded[tasks[t]]
             batch.append(pool[torch.randint(len(pool), (1,), generator=gen).item()])
+        if n_replay:
+            for t in torch.randint(len(replay_tasks), (n_replay,), generator=gen).tolist():
+                task = replay_tasks[t]
+                i = torch.randint(len(replay_by_task[task]), (1,), generator=gen).item()
+                batch.append(replay_example(task, i))
         inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -163,6 +193,7 @@ def train(
     return {
         "config": asdict(cfg),
         "tasks": tasks,
+        **({"replay_tasks": replay_tasks} if replay_tasks else {}),
         "final_loss": history[-1]["loss"],
         "loss_history": history,
         "train_seconds": round(time.perf_counter() - start, 3),

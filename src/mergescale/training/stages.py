@@ -48,10 +48,13 @@ def train_device() -> torch.device:
 
 
 def finetune(base_dir: Path, train_cfg: dict, data_files: dict[str, Path], out_dir: Path,
-             stage: str, log=print, chat_template: bool = False) -> dict:
+             stage: str, log=print, chat_template: bool = False,
+             replay_files: dict[str, Path] | None = None) -> dict:
     """Fine-tune ``base_dir`` on the answers of ``data_files`` (one task: an expert).
 
-    A full fine-tune, or with ``train_cfg["lora"]`` LoRA adapters folded into the
+    With ``train_cfg["replay"]`` > 0, that share of every batch comes from
+    ``replay_files`` (the base's pretraining mixture), listed in the card's
+    ``replay_tasks``. A full fine-tune, or with ``train_cfg["lora"]`` LoRA adapters folded into the
     weights afterwards (mergescale.training.lora), so the output is always a full checkpoint.
     """
     train_cfg = dict(train_cfg)
@@ -67,7 +70,8 @@ def finetune(base_dir: Path, train_cfg: dict, data_files: dict[str, Path], out_d
     kind = "LoRA" if lora_cfg is not None else "full"
     log(f"{stage}: {kind} fine-tuning {base_dir} on {', '.join(sorted(data_files))} "
         f"({train_device()})")
-    summary = train(model, tokenizer, _train_rows(data_files), cfg, log=log)
+    replay = _train_rows(replay_files) if cfg.replay and replay_files else None
+    summary = train(model, tokenizer, _train_rows(data_files), cfg, log=log, replay_by_task=replay)
     card = {"stage": stage, "base": str(base_dir), **summary}
     if lora_cfg is not None:
         card["lora"] = lora_cfg
