@@ -1,7 +1,8 @@
 """How long a config's run will take, before running it.
 
-    python benchmarks/study_time.py CONFIG [--cores 2] [--measured RUN_DIR ...]
-                                    [--rule-cpu RULE=S ...] [--scheduler-cpu S]
+    python benchmarks/study_time.py CONFIG [--cores 2] --measured RUN_DIR [RUN_DIR ...]
+                                    [--rule-cpu RULE=S ...] [--scheduler-cpu S] [--plan FILE]
+                                    [--check RUN_DIR]
 
 Counts the jobs of CONFIG from a Snakemake dry run in an empty directory (every job
 planned, as in a fresh clone; nothing is run), gives every job a CPU cost from the jobs
@@ -11,7 +12,8 @@ rule and the wall time on --cores cores.
 
 A planned job's cost comes from measured jobs of the same rule and model size (the base's
 parameter count, within a factor 1.3; any size if that size was not measured, flagged
-with `~`), and of the same method when measured:
+with `~`; a multitask fine-tune or an instruction tuning not measured at a size takes
+that size's expert fine-tunes: the same loop), and of the same method when measured:
   training rules (pretrain, instruction tuning, fine-tunes): a fixed part plus CPU
       seconds per step x the job's steps (from CONFIG); a measured job's steps and loop
       time come from its training card, and the loop's share of its wall time splits its
@@ -57,12 +59,16 @@ TRAINING_RULES = ("pretrain_base", "instruct_base", "finetune_expert", "finetune
 # Where a training job writes its card, below results/ (from the job's path below the rule).
 TRAINING_OUTPUT = {"pretrain_base": "bases", "instruct_base": "bases",
                    "finetune_expert": "experts", "finetune_multitask": "multitask"}
+# A training rule without measured jobs takes the per-step cost of another rule that runs
+# the same training loop (finetune.py) at the same size.
+TRAINING_FALLBACK = {"finetune_multitask": "finetune_expert", "instruct_base": "finetune_expert"}
 # Run after every other job, one after another: their time is not shared by the cores.
 SERIAL_RULES = ("aggregate", "findings", "plot")
 # Rules with no timing line: CPU seconds per job, measured by hand on this machine
-# (2026-12-03: `python -m mergescale.evaluate.batch_member` for 20 models of a batch,
-# /usr/bin/time, mean user+sys; `all` does nothing).
-SHELL_RULE_CPU = {"unbatch_scores": 0.45, "all": 0.0}
+# (2026-12-03: the shell command of unbatch_scores, `bash -c "python -m
+# mergescale.evaluate.batch_member ..."`, 6 runs under /usr/bin/time, user+sys 0.04-0.05;
+# `all` does nothing).
+SHELL_RULE_CPU = {"unbatch_scores": 0.05, "all": 0.0}
 # Snakemake's own CPU per job while it runs them (job selection, bookkeeping, output
 # checks), measured on the slice run of docs/performance.md; --scheduler-cpu replaces it.
 SCHEDULER_CPU_PER_JOB = 0.25
@@ -297,6 +303,8 @@ def job_cost(job: Job, measured: list[Job], rule_cpu: dict[str, float]) -> tuple
     if job.rule in rule_cpu:
         return rule_cpu[job.rule], "fixed"
     of_rule = [m for m in measured if m.rule == job.rule]
+    if job.rule in TRAINING_FALLBACK and not any(same_size(m.parameters, job.parameters) for m in of_rule):
+        of_rule = [m for m in measured if m.rule == TRAINING_FALLBACK[job.rule]] or of_rule
     if not of_rule:
         return None, "none"
     sized = [m for m in of_rule if same_size(m.parameters, job.parameters)]
@@ -355,7 +363,8 @@ def predict(planned: list[Job], measured: list[Job], rule_cpu: dict[str, float],
                       dag_cpu, WORKER_START_CPU, unknown, longest)
 
 
-def report(pred: Prediction, cores: int, out=sys.stdout) -> None:
+def report(pred: Prediction, cores: int, out=None) -> None:
+    out = out or sys.stdout
     print(f"{'rule':26s} {'jobs':>6s} {'CPU s/job':>9s} {'core-s':>9s} {'share':>6s} {'start-up':>8s}",
           file=out)
     for rule, row in sorted(pred.per_rule.items(), key=lambda kv: -kv[1]["cpu"]):
@@ -383,6 +392,27 @@ def report(pred: Prediction, cores: int, out=sys.stdout) -> None:
     print(f"predicted wall on {cores} idle cores: {wall:.0f} s = {wall / 60:.1f} min", file=out)
 
 
+def check(run_dir: Path, measured: list[Job], rule_cpu: dict[str, float], out=None) -> None:
+    """Predicted against measured CPU for the finished jobs of another run (one that gave
+    no costs): the estimator's error per rule, before any wall-time assumption."""
+    rows = {}
+    for job in measured_jobs(run_dir):
+        planned = Job(job.rule, job.path, job.parameters, job.k, job.method, job.units)
+        cpu, _ = job_cost(planned, measured, rule_cpu)
+        if cpu is not None:
+            row = rows.setdefault(job.rule, [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += cpu
+            row[2] += job.cpu
+    print(f"check against {run_dir}: {'rule':22s} {'jobs':>5s} {'predicted s':>11s} {'measured s':>10s} {'ratio':>6s}",
+          file=out)
+    for rule, (n, predicted, actual) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
+        print(f"  {rule:22s} {n:5d} {predicted:11.1f} {actual:10.1f} {predicted / actual if actual else 0:6.2f}", file=out)
+    predicted, actual = sum(r[1] for r in rows.values()), sum(r[2] for r in rows.values())
+    print(f"  {'all':22s} {sum(r[0] for r in rows.values()):5d} {predicted:11.1f} {actual:10.1f} "
+          f"{predicted / actual if actual else 0:6.2f}", file=out)
+
+
 def parse_rule_cpu(items: list[str]) -> dict[str, float]:
     out = dict(SHELL_RULE_CPU)
     for item in items:
@@ -403,6 +433,10 @@ def main(argv=None) -> None:
     p.add_argument("--scheduler-cpu", type=float, default=SCHEDULER_CPU_PER_JOB,
                    help="Snakemake's CPU seconds per job (default %(default)s)")
     p.add_argument("--snakefile", type=Path, default=ROOT / "workflow" / "Snakefile")
+    p.add_argument("--check", type=Path, metavar="RUN_DIR",
+                   help="also predict the finished jobs of this run and compare with their CPU")
+    p.add_argument("--plan", type=Path, help="JSON file that keeps the dry run's jobs: written "
+                   "when missing, read when present (the config must not have changed)")
     args = p.parse_args(argv)
     import yaml
 
@@ -412,11 +446,22 @@ def main(argv=None) -> None:
     measured = [job for run in args.measured for job in measured_jobs(run)]
     if not measured:
         raise SystemExit(f"no timed jobs under {', '.join(map(str, args.measured))} (results/logs)")
-    text, wall, cpu = dry_run(args.config, args.snakefile)
-    planned = planned_jobs(config, parse_dry_run(text))
+    if args.plan and args.plan.exists():  # a dry run saved before: the same config's plan
+        saved = json.loads(args.plan.read_text())
+        listing, wall, cpu = saved["jobs"], saved["wall_s"], saved["cpu_s"]
+    else:
+        text, wall, cpu = dry_run(args.config, args.snakefile)
+        listing = parse_dry_run(text)
+        if args.plan:
+            args.plan.write_text(json.dumps({"config": str(args.config), "wall_s": wall, "cpu_s": cpu,
+                                             "jobs": listing}))
+    planned = planned_jobs(config, listing)
     print(f"{args.config}: {len(planned)} jobs planned (dry run {wall:.0f} s wall, {cpu:.0f} CPU s); "
           f"costs from {len(measured)} measured jobs in {', '.join(map(str, args.measured))}")
-    report(predict(planned, measured, parse_rule_cpu(args.rule_cpu), args.scheduler_cpu, cpu), args.cores)
+    rule_cpu = parse_rule_cpu(args.rule_cpu)
+    report(predict(planned, measured, rule_cpu, args.scheduler_cpu, cpu), args.cores)
+    if args.check:
+        check(args.check, measured, rule_cpu)
 
 
 if __name__ == "__main__":

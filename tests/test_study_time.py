@@ -192,3 +192,16 @@ def test_a_size_not_measured_takes_another_size_and_says_so(run_dir):
     assert how == "~" and cpu == pytest.approx((3.0 + 1.5) / 2)  # k = 2 of both measured sizes
     cpu, how = study_time.job_cost(study_time.Job("tune", "x"), measured, {})
     assert (cpu, how) == (None, "none")
+
+
+def test_check_compares_a_runs_jobs_with_their_prediction(run_dir, capsys):
+    """A run predicted from itself: every rule's ratio is what the cost model keeps."""
+    measured = study_time.measured_jobs(run_dir)
+    study_time.check(run_dir, measured, {})
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert rows["merge"][0] == "3"
+    # merges: the line through both sizes' points predicts 2.25 and 6.0 at k = 2 and 8
+    # from size-matched pools (large: exact); small's one job is its own mean
+    assert float(rows["merge"][1]) == pytest.approx(3.0 + 6.0 + 1.5)
+    assert float(rows["pretrain_base"][3]) == pytest.approx(1.0)
