@@ -20,7 +20,7 @@ that size's expert fine-tunes: the same loop), and of the same method when measu
       CPU into the two parts;
   rules whose work grows with a count (k for jobs of an expert subset, models for an
       evaluation batch): a least-squares line over the measured counts when they differ,
-      else their mean;
+      else their mean (an evaluation batch: proportional to its models);
   every other rule: the mean of the measured jobs.
 CPU seconds, not wall: a measured run may share its cores with other work. A job the
 run's worker ran costs its client's CPU (the benchmark file) plus the worker child's (the
@@ -62,6 +62,9 @@ TRAINING_OUTPUT = {"pretrain_base": "bases", "instruct_base": "bases",
 # A training rule without measured jobs takes the per-step cost of another rule that runs
 # the same training loop (finetune.py) at the same size.
 TRAINING_FALLBACK = {"finetune_multitask": "finetune_expert", "instruct_base": "finetune_expert"}
+# Rules whose work is per unit (training step, model of an evaluation batch): measured
+# at one count only, their cost scales with the count.
+PROPORTIONAL_RULES = TRAINING_RULES + ("evaluate_batch",)
 # Run after every other job, one after another: their time is not shared by the cores.
 SERIAL_RULES = ("aggregate", "findings", "plot")
 # Rules with no timing line: CPU seconds per job, measured by hand on this machine
@@ -282,15 +285,17 @@ def same_size(a: int | None, b: int | None) -> bool:
 
 
 def fit(points: list[tuple[float, float]], units: float | None, proportional: bool) -> float:
-    """CPU of a job with `units` from measured (units, cpu) points."""
+    """CPU of a job with `units` from measured (units, cpu) points: a line through them
+    when they have two counts or more; with one count, proportional to the count for
+    rules whose work is per unit (PROPORTIONAL_RULES), else their mean."""
     cpus = [c for _, c in points]
     known = [(u, c) for u, c in points if u is not None]
     if units is None or not known:
         return statistics.fmean(cpus)
-    if proportional:
-        return statistics.fmean(c / u for u, c in known if u) * units
     xs = {u for u, _ in known}
     if len(xs) < 2:
+        if proportional:
+            return statistics.fmean(c / u for u, c in known if u) * units
         return statistics.fmean(c for _, c in known)
     mx = statistics.fmean(u for u, _ in known)
     my = statistics.fmean(c for _, c in known)
@@ -316,7 +321,7 @@ def job_cost(job: Job, measured: list[Job], rule_cpu: dict[str, float]) -> tuple
     if job.rule in TRAINING_RULES and split and job.units is not None:
         return (statistics.fmean(i["fixed"] for i in split)
                 + statistics.fmean(i["per_step"] for i in split) * job.units), how
-    proportional = job.rule in TRAINING_RULES
+    proportional = job.rule in PROPORTIONAL_RULES
     return fit([(m.units, m.cpu) for m in pool], job.units, proportional), how
 
 
