@@ -36,6 +36,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mergescale.job import read_timing  # noqa: E402
 
 
+def job_records(run_dir: Path) -> list[dict]:
+    """One record per job of the run that left a benchmark file or a timing line:
+    {rule, path (below the rule's folder, no suffix), wall (benchmark s or None),
+    client_cpu (benchmark cpu_time or None), worker_cpu (the worker child's or None),
+    timing (the log's timing record or None)}."""
+    results = run_dir / "results"
+    records = {}
+    for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
+        rows = list(csv.DictReader(tsv.open(), delimiter="\t"))
+        if rows:
+            rel = tsv.relative_to(results / "benchmarks").with_suffix("")
+            cpu = rows[-1].get("cpu_time")
+            records[rel] = {"wall": float(rows[-1]["s"]),
+                            "client_cpu": float(cpu) if cpu not in (None, "", "NA") else None}
+    for log in sorted((results / "logs").rglob("*.log")):
+        rel = log.relative_to(results / "logs").with_suffix("")
+        timing = read_timing(log)
+        if timing is not None or rel in records:
+            records.setdefault(rel, {"wall": None, "client_cpu": None})["timing"] = timing
+    return [{"rule": rel.parts[0], "path": "/".join(rel.parts[1:]),
+             "timing": rec.get("timing"),
+             "worker_cpu": (rec.get("timing") or {}).get("worker_cpu_s"), **rec}
+            for rel, rec in sorted(records.items())]
+
+
 def finished_jobs(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
     """{rule: [(wall s, cpu s), ...]} from results/benchmarks/<rule>/**.tsv, plus the CPU
     of the worker's child for jobs the worker ran (the benchmark sees only the client)."""

@@ -19,6 +19,7 @@ from mergescale.merge.search_space import candidates, search_space
 from workflow_helpers import REPO, planned_jobs
 
 STUDY = REPO / "config" / "study.yaml"
+METHODS_GRID = REPO / "config" / "study-methods.yaml"
 
 
 @pytest.mark.parametrize("shape", [(64, 2, 4, 256), (128, 4, 4, 256), (256, 4, 8, 1024)])
@@ -40,11 +41,27 @@ def test_study_spans_sizes_and_qualities():
                      if v["size"] == size and config["bases"][name]["source"] != "variant"}
         assert qualities == {"short", "pretrained", "instruct"}
     assert labels["tiny-m-it"] == {**labels["tiny-m"], "quality": "instruct"}
-    # the LoRA variant: tiny-m's weights and size, its own quality label
-    assert labels["tiny-m-lora"] == {**labels["tiny-m"], "quality": "lora"}
-    assert root_base(config["bases"], "tiny-m-lora") == "tiny-m"
     assert root_base(config["bases"], "tiny-l-it") == "tiny-l"
+    # the paper's four methods only; every other method is in the other-methods grid
+    assert set(config["merge"]["methods"]) == {"average", "task_arithmetic", "ties", "dare_ties"}
     assert set(config["merge"]["ks"]) == {2, 4, 6, 8} and config["merge"]["subsets_per_k"] >= 3
+
+
+def test_other_methods_grid_is_size_s_from_three_seeds():
+    study, config = load_config(STUDY), load_config(METHODS_GRID)
+    labels = base_labels(config["bases"])
+    assert {v["size"] for v in labels.values()} == {"s"}
+    assert {v["replicate"] for v in labels.values()} == {0, 1, 2}
+    # the LoRA variants: their seed's weights and size, their own quality label
+    for name, seed in (("tiny-s-lora", "tiny-s"), ("tiny-s-r2-lora", "tiny-s-r2")):
+        assert labels[name] == {**labels[seed], "quality": "lora"}
+        assert root_base(config["bases"], name) == seed
+    # the same world and size-s bases as the study, and more methods than its four
+    for key in ("data", "tasks", "finetune"):
+        assert config[key] == study[key], key
+    for name in ("tiny-s", "tiny-s-r1", "tiny-s-r2"):
+        assert config["bases"][name] == study["bases"][name], name
+    assert set(study["merge"]["methods"]) < set(config["merge"]["methods"])
 
 
 def test_pretraining_and_instruction_mixtures_exclude_every_benchmark_family():
@@ -231,10 +248,23 @@ def test_study_dry_run_plans_the_whole_grid(tmp_path):
     start = time.perf_counter()
     jobs = planned_jobs(tmp_path, config=STUDY)
     seconds = time.perf_counter() - start
-    expected = expected_study_jobs(config)
+    expected = {rule: n for rule, n in expected_study_jobs(config).items() if n}
     print(f"config/study.yaml: {sum(jobs.values())} jobs planned in {seconds:.1f}s: {jobs}")
     assert jobs == expected
-    assert seconds < 300  # ~10,000 jobs (3 replicates per cell); DAG building must stay cheap
+    assert seconds < 300  # ~4,000 jobs (3 replicates per cell); DAG building must stay cheap
+
+
+def test_other_methods_grid_dry_run_plans_every_method(tmp_path):
+    config = load_config(METHODS_GRID)
+    jobs = planned_jobs(tmp_path, config=METHODS_GRID)
+    expected = {rule: n for rule, n in expected_study_jobs(config).items() if n}
+    # aTLAS's merges (3 bases x 2 methods x 3 subsets at k = 2) join their subset's batch
+    expected["unbatch_scores"] += 3 * 2 * 3
+    expected["evaluate"] -= 3 * 2 * 3
+    print(f"config/study-methods.yaml: {sum(jobs.values())} jobs planned: {jobs}")
+    assert {r: n for r, n in jobs.items() if r in expected} == expected
+    # and the study of its own: Sparse Model Soups on every seed
+    assert jobs["run_sparse_soup_cycle"] == 3 * 2
 
 
 def test_unbatched_evaluation_plans_one_job_per_model(tmp_path):
