@@ -379,3 +379,146 @@ def layer_index(name: str) -> int | None:
 def with_layer_index(name: str, index: int) -> str:
     """`name` with its block index replaced ("model.layers.3.x" -> "model.layers.<index>.x")."""
     return _LAYER.sub(lambda m: f"{m.group(1)}{m.group(2)}.{index}.", name, count=1)
+
+
+# -- top-k as a rule one block can apply alone ---------------------------------------
+# A tensor too big to hold (or to process at once) is trimmed block by block. What a
+# block needs from the whole tensor is two numbers: the k-th largest score and the flat
+# index up to which entries equal to it are kept (ties go to the lowest indices, as in
+# top_k_trim). They are found in one pass over the blocks when a strided sample of the
+# scores brackets the threshold, else in two: a histogram of the scores' high 16 bits
+# (for non-negative float32, integer order of the bits is numeric order) finds the
+# bucket holding the threshold, and a second pass collects that bucket's members.
+_MIN_POSITIVE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # smallest subnormal
+
+
+class Cut:
+    """The top k of n scores: entry j is in when score_j > threshold, or score_j ==
+    threshold and j < cutoff."""
+
+    def __init__(self, threshold: float, cutoff: int = 0):
+        self.threshold = threshold
+        self.cutoff = cutoff
+        self._below = _below(threshold) if 0 < threshold < math.inf else threshold
+
+    def trim_(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Zero in place the entries of the flat block x (flat indices start...) outside
+        the top k by |x|; x's scores must be |x|."""
+        t = self.threshold
+        if t == math.inf:
+            return x.zero_()
+        if t == -math.inf:
+            return x
+        if t == 0 or self.cutoff <= start:  # kept zeros are zeros anyway
+            return torch.hardshrink(x, t, out=x)  # keeps |x| > t
+        if self.cutoff >= start + x.numel():
+            return torch.hardshrink(x, self._below, out=x)  # keeps |x| >= t
+        c = self.cutoff - start
+        torch.hardshrink(x[:c], self._below, out=x[:c])
+        torch.hardshrink(x[c:], t, out=x[c:])
+        return x
+
+
+def cut_trivial(n: int, k: int) -> Cut | None:
+    """The cut of k <= 0 (nothing kept) or k >= n (everything), else None."""
+    if k <= 0:
+        return Cut(math.inf)
+    if k >= n:
+        return Cut(-math.inf)
+    return None
+
+
+def bracket_of_sample(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
+    """(lo, hi) very probably enclosing the k-th largest of n scores (see _bracket)."""
+    return _bracket(sample, n, k)
+
+
+def bucket_bracket(hist: torch.Tensor, k: int) -> tuple[float, float]:
+    """(lo, hi): the range of the high-16-bit bucket holding the k-th largest score."""
+    bucket, _, _ = _top_of(hist, k)
+    bits = torch.tensor([bucket << 16, (bucket << 16) | 0xFFFF], dtype=torch.int32)
+    lo, hi = bits.view(torch.float32).tolist()
+    return lo, hi
+
+
+def high_bits(scores: torch.Tensor) -> torch.Tensor:
+    """Histogram bins (high 16 bits) of non-negative float32 scores."""
+    return scores.reshape(-1).view(torch.int32) >> 16
+
+
+class BandCount:
+    """What one pass over the blocks gathers for one cut, given a bracket (lo, hi):
+    how many scores are above hi, and the positive scores inside [lo, hi] with their
+    flat indices (in flat order when blocks are added in flat order)."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = max(lo, _MIN_POSITIVE), hi
+        self.open_below = lo <= 0  # the band holds every positive score up to hi
+        self._lo_below = _below(self.lo)  # hardshrink keeps |x| > its bound
+        self.above = 0
+        self._above = self._band = None  # block buffers
+        self.values: list[torch.Tensor] = []
+        self.index: list[torch.Tensor] = []
+
+    def add(self, scores: torch.Tensor, start: int) -> None:
+        """Count one block of scores (flat offset `start`). Float operations only:
+        comparisons that make boolean tensors are several times slower on CPU."""
+        m = scores.numel()
+        if self._above is None or self._above.numel() < m:
+            self._above = torch.empty(m, dtype=torch.float32, device=scores.device)
+            self._band = torch.empty(m, dtype=torch.float32, device=scores.device)
+        above = torch.hardshrink(scores, self.hi, out=self._above[:m]) if self.hi != math.inf \
+            else self._above[:m].zero_()
+        # scores inside [lo, hi], zero elsewhere (lo > 0, so a zero is never a member)
+        band = torch.hardshrink(scores, self._lo_below, out=self._band[:m]).sub_(above)
+        self.above += int(above.sign_().sum())
+        # non-zero floats are non-zero bit patterns; nonzero is faster on integers
+        index = torch.nonzero(band.view(torch.int32)).squeeze(1)
+        self.values.append(band[index])
+        self.index.append(index.add_(start))
+
+    def extend(self, other: "BandCount") -> None:
+        """Append the counts of the blocks that follow (another worker's range)."""
+        self.above += other.above
+        self.values += other.values
+        self.index += other.index
+
+    def cut(self, k: int) -> Cut | None:
+        """The cut of the top k, or None when the bracket missed the threshold."""
+        pool = torch.cat(self.values) if self.values else torch.empty(0)
+        r = k - self.above  # rank of the threshold inside the band, from the top
+        if r <= 0:
+            return None
+        if r > pool.numel():
+            # every positive score is in the top k: the threshold is zero
+            return Cut(0.0) if self.open_below else None
+        threshold = float(torch.kthvalue(pool, pool.numel() - r + 1).values)
+        ties = r - int(torch.count_nonzero(pool > threshold))  # >= 1 entries equal to it kept
+        tied = torch.cat(self.index)[pool == threshold]
+        return Cut(threshold, int(tied[ties - 1]) + 1)
+
+
+class TensorSource:
+    """A tensor in memory, read by flat ranges (the interface of a tensor on disk too)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.flat = tensor.reshape(-1)
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+        self.numel = self.flat.numel()
+        self.in_memory = True
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        return self.flat[start:end]
+
+
+def as_source(x) -> "TensorSource":
+    return TensorSource(x) if isinstance(x, torch.Tensor) else x
+
+
+def lanes(n: int, workers: int, align: int) -> list[tuple[int, int]]:
+    """Split 0..n into at most `workers` contiguous ranges of whole `align` blocks."""
+    blocks = -(-n // align)
+    per = -(-blocks // max(1, workers))
+    return [(s * align, min((s + per) * align, n)) for s in range(0, blocks, per)] or [(0, 0)]
