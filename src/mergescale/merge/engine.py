@@ -303,6 +303,7 @@ def run_merge(req: MergeRequest) -> MergeResult:
     else:
         paths = ([base_path] if has_base else []) + req.experts
     checkpoints: list[Checkpoint] = []
+    stats_reader = None
     old_threads = torch.get_num_threads()
     try:
         for p in paths:
@@ -376,6 +377,8 @@ def run_merge(req: MergeRequest) -> MergeResult:
     finally:
         for c in checkpoints:
             c.close()
+        if stats_reader is not None:
+            stats_reader.close()
         SCRATCH.clear()
         torch.set_num_threads(old_threads)
 
