@@ -9,6 +9,9 @@ shard being written, so memory holds a few tensors per expert, never whole model
         read base + experts (a reader thread fetches the next tensor meanwhile)
         (data-aware methods: + each expert's statistics of this tensor, mergescale.stats)
         check finite -> to device, float32 -> method(...) -> output dtype -> shard file
+        (a tensor whose inputs exceed STREAM_BYTES, e.g. a 3B model's embedding, of a
+        method with a block-wise form: read by ranges, merged and written piece by
+        piece, so memory holds a few blocks of it)
     copy config/tokenizer files, write merge_card.json + README.md
     os.replace(temporary sibling directory, out_dir)     -- mergescale.io_utils.atomic_directory
 
