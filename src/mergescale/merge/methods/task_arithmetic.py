@@ -254,18 +254,31 @@ def gta_blocks(
     randomised = any(sp.kind in ("random", "della") for sp in sparsifiers)
     # DELLA ranks within rows, so its blocks hold whole rows; 1-D tensors are one row.
     row = (shape[-1] if len(shape) >= 2 else n) if sparsifier == "della" else 1
-    blocks = _Blocks(sources, n, BLOCK_ELEMENTS, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    blocks = _Blocks(sources, n, BLOCK_ELEMENTS, threads)
     if randomised or blocks.device.type != "cpu":
         # draws follow the block order (one worker, blocks of whole rows); a GPU wants
         # big blocks, on one host thread
         blocks = _Blocks(sources, n, max(row, (ops.CHUNK_ELEMENTS // row) * row), 1)
+    elif threads > 1:
+        # The workers are the threads: torch's own would only wake (and spin) for the
+        # few operations on whole tensors, which costs more than they save on a busy CPU.
+        torch.set_num_threads(1)
+    try:
+        yield from _merge_blocks(blocks, sources, sparsifiers, expert_params, params, consensus, row, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _merge_blocks(blocks, sources, sparsifiers, expert_params, params, consensus, row, out):
+    """gta_blocks once its blocks are planned."""
+    n, k = blocks.n, len(sources) - 1
     if any(sp.ks for sp in sparsifiers):
         _find_cuts(blocks, sparsifiers)
 
     weights = [p["weight"] for p in expert_params]
     equal_weights = len(set(weights)) == 1
     device = blocks.device
-    w = torch.tensor(weights, dtype=torch.float32, device=device).unsqueeze(1)  # [K, 1]
     lam, normalize = params["lambda"], params["normalize"]
     total = sum(weights)
 
@@ -297,16 +310,21 @@ def gta_blocks(
                 # +1 where votes >= 0 (an exact cancellation sums to +0.0); -0.0 only
                 # arises when every entry is zero, and zeros never agree anyway
                 el = torch.copysign(ones[:m], v, out=elected[:m])
-                d.mul_(el).relu_()  # |entries| agreeing with the elected sign
+                # Row by row from here on: an operation on one block of every expert
+                # would be split over threads, and each worker thread is one already.
+                for i in range(k):
+                    d[i].mul_(el).relu_()  # |entries| agreeing with the elected sign
                 mx = _sum_rows(d, mixed[:m]).mul_(el)
                 if normalize:  # divide by the sum of the weights that contributed
-                    d.sign_()
-                    if equal_weights:  # count the contributors; none: divide by 1
-                        count = _sum_rows(d, v)
-                        none = torch.sign(count, out=spare[:m]).neg_().add_(1)  # 1 where count == 0
-                        divisor = count.mul_(weights[0]).add_(none)
+                    for i in range(k):
+                        d[i].sign_()
+                        if not equal_weights:
+                            d[i].mul_(weights[i])
+                    divisor = _sum_rows(d, v)
+                    if equal_weights:  # counted the contributors; none: divide by 1
+                        none = torch.sign(divisor, out=spare[:m]).neg_().add_(1)  # 1 where the count is 0
+                        divisor.mul_(weights[0]).add_(none)
                     else:
-                        divisor = _sum_rows(d.mul_(w), v)
                         divisor.add_(torch.eq(divisor, 0, out=zero[:m]))
                     mx.div_(divisor)
             else:
