@@ -277,9 +277,11 @@ class _OnDisk(ops.TensorSource):
     ("dare_ties", {"density": 0.4}),
     ("della", {"density": 0.5, "epsilon": 0.1}),
 ])
-def test_blocks_from_disk_equal_the_in_memory_merge(monkeypatch, method, params):
+@pytest.mark.parametrize("bracket_misses", [False, True])
+def test_blocks_from_disk_equal_the_in_memory_merge(monkeypatch, method, params, bracket_misses):
     """Read by ranges (tensors too big to hold), a tensor merges to the same bits: the
-    cuts come from histograms instead of a sample, blocks and reads are small here."""
+    cuts come from a sample of runs (or, when its bracket misses, from histograms of
+    the high bits); blocks and reads are small here."""
     from mergescale.merge.methods import task_arithmetic
 
     g = torch.Generator().manual_seed(0)
@@ -290,6 +292,8 @@ def test_blocks_from_disk_equal_the_in_memory_merge(monkeypatch, method, params)
     in_memory = run(method, base, experts, seed=3, **params)
     monkeypatch.setattr(task_arithmetic, "BLOCK_ELEMENTS", 4096)
     monkeypatch.setattr(task_arithmetic, "READ_ELEMENTS", 20_000)
+    if bracket_misses:
+        monkeypatch.setattr(ops, "bracket_of_sample", lambda sample, n, k: (1e30, 1e30))
     m = get_method(method)
     resolved = validate_params(m, params, None, n_experts=3)
     sources = [_OnDisk(t) for t in [base, *experts]]
