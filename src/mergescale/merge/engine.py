@@ -279,7 +279,10 @@ def _tune_allocator() -> None:
     except (OSError, AttributeError):
         return
     mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
-    mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD: keep up to 512 MB of free heap
+    mallopt(-1, 128 * 2**20)  # M_TRIM_THRESHOLD: keep up to 128 MB of free heap
+    # M_ARENA_MAX: every thread (reader, block workers) would get an arena of its own,
+    # each keeping freed memory up to the trim threshold
+    mallopt(-8, 2)
 
 
 def run_merge(req: MergeRequest) -> MergeResult:

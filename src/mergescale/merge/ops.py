@@ -188,52 +188,6 @@ def select_top_k(scores_of, n: int, k: int) -> TopK:
     return _in_pool(pool, above, k)
 
 
-def _abs_scores(flat: torch.Tensor) -> torch.Tensor:
-    """|flat| in float32, in a reused buffer (valid until the next call)."""
-    out = SCRATCH.get("topk.scores", (flat.numel(),), torch.float32, flat.device)
-    return torch.abs(flat, out=out) if flat.dtype == torch.float32 else out.copy_(flat).abs_()
-
-
-def top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x with all but its k largest-magnitude entries zeroed (exactly k; ties go to
-    the lower flat index). Returns a new tensor; x is not modified.
-
-    One pass for the whole tensor: entries above the bracket's upper end are kept
-    outright, entries inside the bracket (about 1%) are settled by selection.
-    """
-    flat = x.reshape(-1)
-    n = flat.numel()
-    if k >= n:
-        return x.clone()
-    if k <= 0:
-        return torch.zeros_like(x)
-    if n <= _DIRECT:
-        return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
-    lo, hi = _bracket(flat[:: _sample_step(n)].abs(), n, k)
-    if lo <= 0:
-        if int(torch.count_nonzero(flat)) <= k:  # every non-zero entry is in the top k
-            return x.clone()
-        lo = _TINY  # the threshold is positive, and the band below must not hold zeros
-    kept = F.hardshrink(flat, hi) if hi != float("inf") else torch.zeros_like(flat)  # |x| > hi
-    above = int(torch.count_nonzero(kept))
-    band = F.hardshrink(flat, _below(lo)).sub_(kept)  # lo <= |x| <= hi, zero elsewhere
-    index = torch.nonzero(band).squeeze(1)  # ascending flat order
-    values = band[index]
-    r = k - above
-    if not 0 < r <= index.numel():  # the bracket missed: radix over everything
-        return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
-    kept[index] = _in_pool(values.abs(), 0, r).trim(values)
-    return kept.reshape(x.shape)
-
-
-def top_k_trim_(x: torch.Tensor, k: int) -> torch.Tensor:
-    """top_k_trim into x itself."""
-    return x.copy_(top_k_trim(x, k))
-
-
-_TINY = float(torch.finfo(torch.float32).tiny)
-
-
 def _below(v: float) -> float:
     """The float32 just below v, so that hardshrink's strict |x| > t keeps |x| >= v."""
     return float(torch.nextafter(torch.tensor(v, dtype=torch.float32), torch.tensor(-math.inf)))
@@ -385,7 +339,7 @@ def with_layer_index(name: str, index: int) -> str:
 # A tensor too big to hold (or to process at once) is trimmed block by block. What a
 # block needs from the whole tensor is two numbers: the k-th largest score and the flat
 # index up to which entries equal to it are kept (ties go to the lowest indices, as in
-# top_k_trim). They are found in one pass over the blocks when a strided sample of the
+# select_top_k). They are found in one pass over the blocks when a strided sample of the
 # scores brackets the threshold, else in two: a histogram of the scores' high 16 bits
 # (for non-negative float32, integer order of the bits is numeric order) finds the
 # bucket holding the threshold, and a second pass collects that bucket's members.
