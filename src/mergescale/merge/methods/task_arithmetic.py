@@ -74,7 +74,7 @@ class _Sparsifier:
     """One expert's sparsifier, applied block by block.
 
     Magnitude kinds need the whole task vector to rank it: their cuts (threshold and
-    tie cutoff, ops.Cut) are found first, for every expert in one pass (`wants`,
+    tie cutoff, ops.Cut) are found first, for every expert in one pass (`ks`,
     `set_cuts`); each block is then trimmed on its own. Random kinds draw per block.
     """
 
