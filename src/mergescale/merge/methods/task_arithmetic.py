@@ -263,7 +263,7 @@ def gta_blocks(
     (to float32, task vector, trim, weight, sign election, disjoint mean, add to the
     base) runs while the block is in cache."""
     sources = [ops.as_source(base)] + [ops.as_source(x) for x in experts]
-    shape, n, k = sources[0].shape, sources[0].numel, len(experts)
+    shape, n = sources[0].shape, sources[0].numel
     sparsifiers = [_Sparsifier(sparsifier, p, params.get("rescale", False), n, generator) for p in expert_params]
     randomised = any(sp.kind in ("random", "della") for sp in sparsifiers)
     # DELLA ranks within rows, so its blocks hold whole rows; 1-D tensors are one row.
