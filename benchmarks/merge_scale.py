@@ -12,7 +12,13 @@ ru_maxrss from wait4) beside the floor: reading every input byte once. The input
 N + 1 times 6.4 GB of disk and the output 6.4 GB; --keep keeps them for another run,
 otherwise everything is deleted at the end.
 
+RegMean (--regmean-layers L, default 1) is measured through the same engine on the first
+L blocks, with Gram statistics of every linear weight streamed from statistics files
+(X^T X of random activations: the cost does not depend on the values), and extrapolated
+to all blocks; four experts' Grams for all 28 blocks would take 55 GB of disk.
+
 Usage: python benchmarks/merge_scale.py [--experts 4] [--threads 2] [--keep]
+       python benchmarks/merge_scale.py --keep --skip-ties --regmean-layers 2
        python benchmarks/merge_scale.py --layers 1 --vocab 8192 --experts 2   # a quick check
 """
 
@@ -85,6 +91,61 @@ def build_models(root: Path, n_experts: int, noise: float = 0.002, **shape) -> t
     return paths[0], paths[1:]
 
 
+def write_regmean_inputs(root: Path, experts: list[Path], layers: int, tokens: int) -> tuple[list[Path], list[Path]]:
+    """The first `layers` transformer blocks of each expert as a checkpoint of their
+    own, and Gram statistics for every linear weight in them, in the files the
+    compute_stats rule writes: X^T X of `tokens` rows of random activations (a merge's
+    cost does not depend on the values; forward passes of four 3B models do not fit
+    this machine's memory beside the merge)."""
+    from safetensors.torch import save_file
+
+    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.merge.ops import layer_index
+    from mergescale.stats import GRAM_FILE, TOKENS_KEY
+
+    parts, stats = [], []
+    for i, expert in enumerate(experts):
+        part, stat = root / f"regmean_part{i}", root / f"regmean_stats{i}"
+        for d in (part, stat):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+        with Checkpoint(expert) as c:
+            state = {n: c.read(n) for n in c.names if layer_index(n) is not None and layer_index(n) < layers}
+        save_file(state, str(part / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy2(expert / "config.json", part / "config.json")
+        g = torch.Generator().manual_seed(i)
+        grams = {}
+        for name, t in state.items():
+            if t.dim() == 2:
+                x = torch.randn(tokens, t.shape[1], generator=g)
+                grams[name] = x.T @ x
+        grams[TOKENS_KEY] = torch.tensor([tokens], dtype=torch.int64)
+        save_file(grams, str(stat / GRAM_FILE))
+        parts.append(part)
+        stats.append(stat)
+        del state, grams
+    return parts, stats
+
+
+def measure_regmean(root: Path, experts: list[Path], layers: int, tokens: int, threads: int) -> dict:
+    """RegMean of the first `layers` blocks through the merge engine (Grams streamed from
+    the statistics files tensor by tensor), as a child process: wall, CPU, peak RSS."""
+    parts, stats = write_regmean_inputs(root, experts, layers, tokens)
+    out = root / "regmean_out"
+    shutil.rmtree(out, ignore_errors=True)
+    code = ("import sys, json; from mergescale.merge import MergeRequest, run_merge; a = json.loads(sys.argv[1]); "
+            "run_merge(MergeRequest(method='regmean', experts=a['experts'], stats=a['stats'], out_dir=a['out'], "
+            "threads=a['threads'], progress=False))")
+    args = json.dumps({"experts": [str(p) for p in parts], "stats": [str(p) for p in stats], "out": str(out),
+                       "threads": threads})
+    wall, rss, cpu = run_measured([sys.executable, "-c", code, args], root / "regmean.log")
+    gram_bytes = sum(f.stat().st_size for d in stats for f in d.glob("*.safetensors"))
+    for d in [*parts, *stats, out]:
+        shutil.rmtree(d, ignore_errors=True)
+    return {"layers": layers, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": rss,
+            "gram_bytes": gram_bytes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=4)
@@ -94,6 +155,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the written models for another run")
     parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="fewer layers: a quick check")
     parser.add_argument("--vocab", type=int, default=SHAPE["vocab_size"], help="smaller vocabulary: a quick check")
+    parser.add_argument("--regmean-layers", type=int, default=1,
+                        help="RegMean is measured on this many blocks and extrapolated (0: skip)")
+    parser.add_argument("--regmean-tokens", type=int, default=256, help="rows of activations per Gram matrix")
+    parser.add_argument("--skip-ties", action="store_true", help="only RegMean (on models kept by --keep)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -110,24 +175,38 @@ def main() -> None:
             lines += [f"  - model: {e}", f"    parameters: {{weight: 1.0, density: {args.density}}}"]
         config.write_text("\n".join(lines + ["dtype: bfloat16", ""]))
         # inputs larger than the page cache are read from disk; the floor says how fast
-        results["floor_s"] = read_floor(inputs)
-        out = args.root / "ties_out"
-        shutil.rmtree(out, ignore_errors=True)
-        wall, rss, cpu = run_measured(
-            [sys.executable, "-m", "mergescale.cli", "merge", str(config), str(out), "--threads", str(args.threads)],
-            args.root / "ties.log")
-        results["ties"] = {"wall_s": wall, "peak_rss_bytes": rss, "cpu_s": cpu}
-        shutil.rmtree(out, ignore_errors=True)
+        if not args.skip_ties:
+            results["floor_s"] = read_floor(inputs)
+            out = args.root / "ties_out"
+            shutil.rmtree(out, ignore_errors=True)
+            wall, rss, cpu = run_measured(
+                [sys.executable, "-m", "mergescale.cli", "merge", str(config), str(out), "--threads", str(args.threads)],
+                args.root / "ties.log")
+            results["ties"] = {"wall_s": wall, "peak_rss_bytes": rss, "cpu_s": cpu}
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"TIES done: wall {wall:.1f} s, peak RSS {rss / 2**30:.2f} GiB", flush=True)
+        if args.regmean_layers:
+            results["regmean"] = measure_regmean(args.root, experts, args.regmean_layers, args.regmean_tokens,
+                                                 args.threads)
     finally:
         if not args.keep:
             shutil.rmtree(args.root, ignore_errors=True)
     gib = 2**30
     print(f"inputs: base + {args.experts} experts, {input_bytes / gib:.1f} GiB bf16 (written in {write_s:.0f} s); "
           f"{args.threads} threads")
-    print(f"floor (read every input byte once): {results['floor_s']:.1f} s")
-    r = results["ties"]
-    print(f"TIES (density {args.density}): wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, "
-          f"peak RSS {r['peak_rss_bytes'] / gib:.2f} GiB")
+    if "floor_s" in results:
+        print(f"floor (read every input byte once): {results['floor_s']:.1f} s")
+    if "ties" in results:
+        r = results["ties"]
+        print(f"TIES (density {args.density}): wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, "
+              f"peak RSS {r['peak_rss_bytes'] / gib:.2f} GiB")
+    if "regmean" in results:
+        r = results["regmean"]
+        per_layer = r["wall_s"] / r["layers"]
+        print(f"RegMean, {r['layers']} of {args.layers} blocks ({r['tokens']} tokens per Gram, "
+              f"{r['gram_bytes'] / gib:.2f} GiB of Grams streamed): wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, "
+              f"peak RSS {r['peak_rss_bytes'] / gib:.2f} GiB; all {args.layers} blocks extrapolated: "
+              f"{per_layer * args.layers / 60:.1f} min (embeddings, averaged, not included)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -272,3 +272,38 @@ def test_vocabulary_rows_recognised_by_config_vocab_size(tmp_path):
     c, d = _raw_checkpoint(tmp_path / "c", 10, None), _raw_checkpoint(tmp_path / "d", 12, None)
     _merge_err(tmp_path, None, [c, d], r"tensor 'tok.w': shape \[10, 8\] in .*c/model.* vs \[12, 8\]",
                method="linear")
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.3}), ("dare_linear", {"density": 0.5})])
+def test_tensors_read_by_ranges_merge_to_the_same_bytes(models, tmp_path, monkeypatch, method, params):
+    """Tensors above STREAM_BYTES are merged block by block from the files; the output
+    is byte for byte that of merging them in memory."""
+    from mergescale.merge import engine
+    from mergescale.merge.methods import task_arithmetic
+
+    def merge(name: str) -> dict[str, bytes]:
+        out = tmp_path / name
+        run_merge(MergeRequest(method=method, base=models["base"], experts=[models["e1"], models["e2"]],
+                               out_dir=out, params=params, seed=3, dtype="bfloat16"))
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    in_memory = merge("in_memory")
+    monkeypatch.setattr(engine, "STREAM_BYTES", 0)
+    monkeypatch.setattr(task_arithmetic, "READ_ELEMENTS", 1000)
+    monkeypatch.setattr(task_arithmetic, "BLOCK_ELEMENTS", 256)
+    assert merge("streamed") == in_memory
+
+
+def test_nan_in_a_tensor_read_by_ranges_named(models, copy_of, tmp_path, monkeypatch):
+    from mergescale.merge import engine
+
+    monkeypatch.setattr(engine, "STREAM_BYTES", 0)
+    bad = copy_of("e1")
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard = _shard_of(bad, name)
+
+    def poison(t):
+        t[name][0, 0] = float("nan")
+
+    _rewrite(shard, poison)
+    _merge_err(tmp_path, models["base"], [bad, models["e2"]], rf"'{name}' in .*e1_copy.*{shard.name}.*NaN")

@@ -215,10 +215,6 @@ def test_top_k_trim_matches_sorting(kind, density):
         x[n // 3:] = 0
     k = ops.magnitude_k(n, density)
     expected = reference_top_k_trim(x, k)
-    got = ops.top_k_trim(x, k)
-    assert torch.equal(got, expected)
-    assert torch.equal(ops.top_k_trim_(x.clone(), k), expected)  # the in-place variant
-    # the streamed selection (used for tensors too big to keep whole) agrees too
     sel = ops.select_top_k(lambda sl: x[sl].abs(), n, k)
     streamed = torch.cat([sel.trim(x[s:e]) for s, e in ops.chunk_ranges(n, chunk=65_536)])
     assert torch.equal(streamed, expected)
@@ -249,33 +245,86 @@ def test_bracket_miss_falls_back_to_exact():
     x = torch.zeros(n)
     x[1::3] = torch.linspace(1, 2, len(range(1, n, 3)))
     k = 40_000
-    assert torch.equal(ops.top_k_trim(x, k), reference_top_k_trim(x, k))
     sel = ops.select_top_k(lambda sl: x[sl].abs(), n, k)
     assert torch.equal(sel.trim(x), reference_top_k_trim(x, k))
 
 
+class _OnDisk(ops.TensorSource):
+    """A tensor seen as if on disk: read by ranges only, no strided sample."""
+
+    in_memory = False
+
+    def __init__(self, tensor):
+        super().__init__(tensor)
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, start, end):
+        self.reads.append((start, end))
+        return self.flat[start:end].clone()
+
+
 @pytest.mark.parametrize("method, params", [
     ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.3, "weight": 0.5}),
     ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.05}),
     ("breadcrumbs", {"density": 0.5}),
+    ("task_arithmetic", {}),
     ("dare_ties", {"density": 0.4}),
     ("della", {"density": 0.5, "epsilon": 0.1}),
 ])
-def test_streamed_path_equals_resident_path(monkeypatch, method, params):
-    """Tensors above RESIDENT_BYTES are processed chunk by chunk; the result is the same."""
+@pytest.mark.parametrize("bracket_misses", [False, True])
+def test_blocks_from_disk_equal_the_in_memory_merge(monkeypatch, method, params, bracket_misses):
+    """Read by ranges (tensors too big to hold), a tensor merges to the same bits: the
+    cuts come from a sample of runs (or, when its bracket misses, from histograms of
+    the high bits); blocks and reads are small here."""
     from mergescale.merge.methods import task_arithmetic
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(640, 500, generator=g).to(torch.bfloat16)
     experts = [(base.float() + 0.01 * torch.randn(640, 500, generator=g)).to(torch.bfloat16) for _ in range(3)]
-    resident = run(method, base, experts, seed=3, **params)
-    monkeypatch.setattr(task_arithmetic, "RESIDENT_BYTES", 0)
+    experts[1].view(-1)[:1000] = base.view(-1)[:1000]  # zeros in a task vector, ties at the threshold
     monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 50_000)
-    streamed = run(method, base, experts, seed=3, **params)
-    if get_method(method).randomised:  # same distribution, different draws per chunking
-        assert streamed.shape == resident.shape
-    else:
-        assert torch.equal(streamed, resident)
+    in_memory = run(method, base, experts, seed=3, **params)
+    monkeypatch.setattr(task_arithmetic, "BLOCK_ELEMENTS", 4096)
+    monkeypatch.setattr(task_arithmetic, "READ_ELEMENTS", 20_000)
+    if bracket_misses:
+        monkeypatch.setattr(ops, "bracket_of_sample", lambda sample, n, k: (1e30, 1e30))
+    m = get_method(method)
+    resolved = validate_params(m, params, None, n_experts=3)
+    sources = [_OnDisk(t) for t in [base, *experts]]
+    gen = torch.Generator().manual_seed(3) if m.randomised else None
+    pieces = [(s, e, p.clone())  # a piece is valid until the next one is made
+              for s, e, p in m.blocks(sources[0], sources[1:], resolved.expert_params, resolved.params, gen, "w")]
+    assert [s for s, _, _ in pieces] == list(range(0, base.numel(), pieces[0][1]))
+    streamed = torch.cat([p for _, _, p in pieces]).reshape(base.shape)
+    assert torch.equal(streamed, in_memory)
+    assert max(e - s for s, e in sources[0].reads) <= max(20_000, 50_000)  # never the whole tensor at once
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.9])
+@pytest.mark.parametrize("kind", ["gaussian", "bf16_ties", "mostly_zero"])
+def test_cuts_from_sample_and_from_histogram_match_sorting(kind, density):
+    """The blocked top-k (threshold + tie cutoff) keeps exactly the sorted top k, ties
+    to the lower index, whether the bracket comes from a sample or a histogram."""
+    g = torch.Generator().manual_seed(5)
+    n = 300_000
+    x = torch.randn(n, generator=g)
+    if kind == "bf16_ties":
+        x = x.to(torch.bfloat16).float()
+    elif kind == "mostly_zero":
+        x[torch.rand(n, generator=g) < 0.95] = 0
+    k = ops.magnitude_k(n, density)
+    expected = reference_top_k_trim(x, k)
+    scores = x.abs()
+    for bracket in (ops.bracket_of_sample(scores[:: ops._sample_step(n)], n, k),
+                    ops.bucket_bracket(torch.bincount(ops.high_bits(scores), minlength=1 << 15), k)):
+        band = ops.BandCount(*bracket)
+        for s in range(0, n, 7000):
+            band.add(scores[s:s + 7000], s)
+        cut = band.cut(k)
+        assert cut is not None
+        got = torch.cat([cut.trim_(x[s:s + 7000].clone(), s) for s in range(0, n, 7000)])
+        assert torch.equal(got, expected)
 
 
 def test_ties_large_against_dense_reference():

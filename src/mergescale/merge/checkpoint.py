@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mergescale.merge.errors import MergeInputError
-from mergescale.merge.safetensors_io import TensorInfo, read_header, read_tensor
+from mergescale.merge.safetensors_io import FileSource, TensorInfo, read_header, read_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -166,6 +166,18 @@ class Checkpoint:
         if fd is None:
             fd = self._fds[file] = os.open(file, os.O_RDONLY)
         return read_tensor(fd, self._infos[name], file)
+
+    def source(self, name: str):
+        """The tensor `name` as a FileSource read by flat ranges (safetensors only)."""
+        file = self._files[name]
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return FileSource(fd, self._infos[name], file, name)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self._pickled is None
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -9,6 +9,9 @@ shard being written, so memory holds a few tensors per expert, never whole model
         read base + experts (a reader thread fetches the next tensor meanwhile)
         (data-aware methods: + each expert's statistics of this tensor, mergescale.merge.statistics)
         check finite -> to device, float32 -> method(...) -> output dtype -> shard file
+        (a tensor whose inputs exceed STREAM_BYTES, e.g. a 3B model's embedding, of a
+        method with a block-wise form: read by ranges, merged and written piece by
+        piece, so memory holds a few blocks of it)
     copy config/tokenizer files, write merge_card.json + README.md
     os.replace(temporary sibling directory, out_dir)     -- mergescale.io_utils.atomic_directory
 
@@ -51,6 +54,10 @@ OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 # Prefetch the next tensor only when it is at most this big, to bound memory.
 PREFETCH_MAX_BYTES = 256 * 2**20
+# A tensor whose inputs together take more than this is merged block by block, read
+# from the files by ranges, when its method can (MergeMethod.blocks): memory then
+# holds a few blocks of it, not the inputs (a 3B model's embedding: 0.8 GB per input).
+STREAM_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -196,10 +203,7 @@ def _merge_one(
         tensors = [t.float() for t in tensors]
     base = tensors[0] if has_base else None
     experts = tensors[1:] if has_base else tensors
-    generator = None
-    if method.randomised:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(tensor_seed(seed, name))
+    generator = _generator(method, seed, name, device)
     extra = {}
     if method.stats:  # only data-aware methods take the keyword
         extra["stats"] = [{k: None if v is None else v.to(device) for k, v in s.items()} for s in stats]
@@ -215,6 +219,44 @@ def _merge_one(
             f"{method.name} produced NaN/Inf for tensor {name!r}; check the hyperparameters"
         )
     return merged
+
+
+def _generator(method: MergeMethod, seed: int, name: str, device: torch.device) -> torch.Generator | None:
+    """Randomised methods draw from a generator seeded from (seed, tensor name)."""
+    if not method.randomised:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(tensor_seed(seed, name))
+    return generator
+
+
+def _merge_blocks(method: MergeMethod, sources: list, has_base: bool, expert_params: list[dict], params: dict,
+                  seed: int, name: str, out_dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Merge one tensor block by block from sources read by ranges (safetensors_io.
+    FileSource): yields the merged flat pieces in `out_dtype`, in order."""
+    base = sources[0] if has_base else None
+    experts = sources[1:] if has_base else sources
+    generator = _generator(method, seed, name, torch.device("cpu"))
+    blocks = method.blocks(base, experts, expert_params, params, generator, name)
+    while True:
+        try:
+            item = next(blocks, None)
+        except MergeInputError as e:
+            raise MergeInputError(f"{method.name}, tensor {name!r}: {e}") from e
+        if item is None:
+            return
+        low, high = torch.aminmax(item[2])
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+            raise MergeInputError(f"{method.name} produced NaN/Inf for tensor {name!r}; check the hyperparameters")
+        yield item[2].to(out_dtype)
+
+
+def _streamed(method: MergeMethod, checkpoints: list[Checkpoint], job: TensorJob, nbytes: int,
+              device: torch.device) -> bool:
+    """Whether this tensor is merged block by block from the files (see STREAM_BYTES)."""
+    return (method.blocks is not None and device.type == "cpu" and nbytes > STREAM_BYTES
+            and all(checkpoints[c].is_safetensors and checkpoints[c].dtype(n).is_floating_point
+                    for c, n in job.sources))
 
 
 _ALLOCATOR_TUNED = False
@@ -237,7 +279,10 @@ def _tune_allocator() -> None:
     except (OSError, AttributeError):
         return
     mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
-    mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD: keep up to 512 MB of free heap
+    mallopt(-1, 128 * 2**20)  # M_TRIM_THRESHOLD: keep up to 128 MB of free heap
+    # M_ARENA_MAX: every thread (reader, block workers) would get an arena of its own,
+    # each keeping freed memory up to the trim threshold
+    mallopt(-8, 2)
 
 
 def run_merge(req: MergeRequest) -> MergeResult:
@@ -264,6 +309,7 @@ def run_merge(req: MergeRequest) -> MergeResult:
     else:
         paths = ([base_path] if has_base else []) + req.experts
     checkpoints: list[Checkpoint] = []
+    stats_reader = None
     old_threads = torch.get_num_threads()
     try:
         for p in paths:
@@ -337,6 +383,8 @@ def run_merge(req: MergeRequest) -> MergeResult:
     finally:
         for c in checkpoints:
             c.close()
+        if stats_reader is not None:
+            stats_reader.close()
         SCRATCH.clear()
         torch.set_num_threads(old_threads)
 
@@ -377,19 +425,27 @@ def _stream(
         log_every = max(1, len(jobs) // 10)  # log lines stand in for the bar in log files
         for i, (job, planned) in enumerate(zip(jobs, plan)):
             name = job.name
-            tensors = reader.get(i)
-            if tensors[0].is_floating_point():
-                stats = stats_reader.get(name, plan[i].shape) if stats_reader else None
+            if _streamed(method, checkpoints, job, reader.sizes[i], device):
                 job_params = params if job.params is None else {**params, **job.params}
-                merged = _merge_one(method, tensors, job.has_base,
-                                    expert_params if job.expert_params is None else job.expert_params,
-                                    job_params, req.seed, name, device, stats)
-            else:  # integer buffers (e.g. position ids) are not merged: copy the reference
-                merged = tensors[0]
-            del tensors
-            writer.write(name, merged.to(planned.dtype).cpu())
-            n_parameters += merged.numel()
-            del merged
+                writer.write_pieces(name, _merge_blocks(
+                    method, [checkpoints[c].source(n) for c, n in job.sources], job.has_base,
+                    expert_params if job.expert_params is None else job.expert_params,
+                    job_params, req.seed, name, planned.dtype))
+                n_parameters += torch.Size(planned.shape).numel()
+            else:
+                tensors = reader.get(i)
+                if tensors[0].is_floating_point():
+                    stats = stats_reader.get(name, plan[i].shape) if stats_reader else None
+                    job_params = params if job.params is None else {**params, **job.params}
+                    merged = _merge_one(method, tensors, job.has_base,
+                                        expert_params if job.expert_params is None else job.expert_params,
+                                        job_params, req.seed, name, device, stats)
+                else:  # integer buffers (e.g. position ids) are not merged: copy the reference
+                    merged = tensors[0]
+                del tensors
+                writer.write(name, merged.to(planned.dtype).cpu())
+                n_parameters += merged.numel()
+                del merged
             bar.update(1)
             if bar.disable and ((i + 1) % log_every == 0 or i + 1 == len(jobs)):
                 log.info("merged %d/%d tensors (%.0f s)", i + 1, len(jobs), time.perf_counter() - start)

@@ -188,52 +188,6 @@ def select_top_k(scores_of, n: int, k: int) -> TopK:
     return _in_pool(pool, above, k)
 
 
-def _abs_scores(flat: torch.Tensor) -> torch.Tensor:
-    """|flat| in float32, in a reused buffer (valid until the next call)."""
-    out = SCRATCH.get("topk.scores", (flat.numel(),), torch.float32, flat.device)
-    return torch.abs(flat, out=out) if flat.dtype == torch.float32 else out.copy_(flat).abs_()
-
-
-def top_k_trim(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x with all but its k largest-magnitude entries zeroed (exactly k; ties go to
-    the lower flat index). Returns a new tensor; x is not modified.
-
-    One pass for the whole tensor: entries above the bracket's upper end are kept
-    outright, entries inside the bracket (about 1%) are settled by selection.
-    """
-    flat = x.reshape(-1)
-    n = flat.numel()
-    if k >= n:
-        return x.clone()
-    if k <= 0:
-        return torch.zeros_like(x)
-    if n <= _DIRECT:
-        return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
-    lo, hi = _bracket(flat[:: _sample_step(n)].abs(), n, k)
-    if lo <= 0:
-        if int(torch.count_nonzero(flat)) <= k:  # every non-zero entry is in the top k
-            return x.clone()
-        lo = _TINY  # the threshold is positive, and the band below must not hold zeros
-    kept = F.hardshrink(flat, hi) if hi != float("inf") else torch.zeros_like(flat)  # |x| > hi
-    above = int(torch.count_nonzero(kept))
-    band = F.hardshrink(flat, _below(lo)).sub_(kept)  # lo <= |x| <= hi, zero elsewhere
-    index = torch.nonzero(band).squeeze(1)  # ascending flat order
-    values = band[index]
-    r = k - above
-    if not 0 < r <= index.numel():  # the bracket missed: radix over everything
-        return _radix_select(lambda: (_abs_scores(flat),), k).trim(flat).reshape(x.shape)
-    kept[index] = _in_pool(values.abs(), 0, r).trim(values)
-    return kept.reshape(x.shape)
-
-
-def top_k_trim_(x: torch.Tensor, k: int) -> torch.Tensor:
-    """top_k_trim into x itself."""
-    return x.copy_(top_k_trim(x, k))
-
-
-_TINY = float(torch.finfo(torch.float32).tiny)
-
-
 def _below(v: float) -> float:
     """The float32 just below v, so that hardshrink's strict |x| > t keeps |x| >= v."""
     return float(torch.nextafter(torch.tensor(v, dtype=torch.float32), torch.tensor(-math.inf)))
@@ -379,3 +333,146 @@ def layer_index(name: str) -> int | None:
 def with_layer_index(name: str, index: int) -> str:
     """`name` with its block index replaced ("model.layers.3.x" -> "model.layers.<index>.x")."""
     return _LAYER.sub(lambda m: f"{m.group(1)}{m.group(2)}.{index}.", name, count=1)
+
+
+# -- top-k as a rule one block can apply alone ---------------------------------------
+# A tensor too big to hold (or to process at once) is trimmed block by block. What a
+# block needs from the whole tensor is two numbers: the k-th largest score and the flat
+# index up to which entries equal to it are kept (ties go to the lowest indices, as in
+# select_top_k). They are found in one pass over the blocks when a strided sample of the
+# scores brackets the threshold, else in two: a histogram of the scores' high 16 bits
+# (for non-negative float32, integer order of the bits is numeric order) finds the
+# bucket holding the threshold, and a second pass collects that bucket's members.
+_MIN_POSITIVE = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # smallest subnormal
+
+
+class Cut:
+    """The top k of n scores: entry j is in when score_j > threshold, or score_j ==
+    threshold and j < cutoff."""
+
+    def __init__(self, threshold: float, cutoff: int = 0):
+        self.threshold = threshold
+        self.cutoff = cutoff
+        self._below = _below(threshold) if 0 < threshold < math.inf else threshold
+
+    def trim_(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Zero in place the entries of the flat block x (flat indices start...) outside
+        the top k by |x|; x's scores must be |x|."""
+        t = self.threshold
+        if t == math.inf:
+            return x.zero_()
+        if t == -math.inf:
+            return x
+        if t == 0 or self.cutoff <= start:  # kept zeros are zeros anyway
+            return torch.hardshrink(x, t, out=x)  # keeps |x| > t
+        if self.cutoff >= start + x.numel():
+            return torch.hardshrink(x, self._below, out=x)  # keeps |x| >= t
+        c = self.cutoff - start
+        torch.hardshrink(x[:c], self._below, out=x[:c])
+        torch.hardshrink(x[c:], t, out=x[c:])
+        return x
+
+
+def cut_trivial(n: int, k: int) -> Cut | None:
+    """The cut of k <= 0 (nothing kept) or k >= n (everything), else None."""
+    if k <= 0:
+        return Cut(math.inf)
+    if k >= n:
+        return Cut(-math.inf)
+    return None
+
+
+def bracket_of_sample(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
+    """(lo, hi) very probably enclosing the k-th largest of n scores (see _bracket)."""
+    return _bracket(sample, n, k)
+
+
+def bucket_bracket(hist: torch.Tensor, k: int) -> tuple[float, float]:
+    """(lo, hi): the range of the high-16-bit bucket holding the k-th largest score."""
+    bucket, _, _ = _top_of(hist, k)
+    bits = torch.tensor([bucket << 16, (bucket << 16) | 0xFFFF], dtype=torch.int32)
+    lo, hi = bits.view(torch.float32).tolist()
+    return lo, hi
+
+
+def high_bits(scores: torch.Tensor) -> torch.Tensor:
+    """Histogram bins (high 16 bits) of non-negative float32 scores."""
+    return scores.reshape(-1).view(torch.int32) >> 16
+
+
+class BandCount:
+    """What one pass over the blocks gathers for one cut, given a bracket (lo, hi):
+    how many scores are above hi, and the positive scores inside [lo, hi] with their
+    flat indices (in flat order when blocks are added in flat order)."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = max(lo, _MIN_POSITIVE), hi
+        self.open_below = lo <= 0  # the band holds every positive score up to hi
+        self._lo_below = _below(self.lo)  # hardshrink keeps |x| > its bound
+        self.above = 0
+        self._above = self._band = None  # block buffers
+        self.values: list[torch.Tensor] = []
+        self.index: list[torch.Tensor] = []
+
+    def add(self, scores: torch.Tensor, start: int) -> None:
+        """Count one block of scores (flat offset `start`). Float operations only:
+        comparisons that make boolean tensors are several times slower on CPU."""
+        m = scores.numel()
+        if self._above is None or self._above.numel() < m:
+            self._above = torch.empty(m, dtype=torch.float32, device=scores.device)
+            self._band = torch.empty(m, dtype=torch.float32, device=scores.device)
+        above = torch.hardshrink(scores, self.hi, out=self._above[:m]) if self.hi != math.inf \
+            else self._above[:m].zero_()
+        # scores inside [lo, hi], zero elsewhere (lo > 0, so a zero is never a member)
+        band = torch.hardshrink(scores, self._lo_below, out=self._band[:m]).sub_(above)
+        self.above += int(above.sign_().sum())
+        # non-zero floats are non-zero bit patterns; nonzero is faster on integers
+        index = torch.nonzero(band.view(torch.int32)).squeeze(1)
+        self.values.append(band[index])
+        self.index.append(index.add_(start))
+
+    def extend(self, other: "BandCount") -> None:
+        """Append the counts of the blocks that follow (another worker's range)."""
+        self.above += other.above
+        self.values += other.values
+        self.index += other.index
+
+    def cut(self, k: int) -> Cut | None:
+        """The cut of the top k, or None when the bracket missed the threshold."""
+        pool = torch.cat(self.values) if self.values else torch.empty(0)
+        r = k - self.above  # rank of the threshold inside the band, from the top
+        if r <= 0:
+            return None
+        if r > pool.numel():
+            # every positive score is in the top k: the threshold is zero
+            return Cut(0.0) if self.open_below else None
+        threshold = float(torch.kthvalue(pool, pool.numel() - r + 1).values)
+        ties = r - int(torch.count_nonzero(pool > threshold))  # >= 1 entries equal to it kept
+        tied = torch.cat(self.index)[pool == threshold]
+        return Cut(threshold, int(tied[ties - 1]) + 1)
+
+
+class TensorSource:
+    """A tensor in memory, read by flat ranges (the interface of a tensor on disk too)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.flat = tensor.reshape(-1)
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+        self.numel = self.flat.numel()
+        self.in_memory = True
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        return self.flat[start:end]
+
+
+def as_source(x) -> "TensorSource":
+    return TensorSource(x) if isinstance(x, torch.Tensor) else x
+
+
+def lanes(n: int, workers: int, align: int) -> list[tuple[int, int]]:
+    """Split 0..n into at most `workers` contiguous ranges of whole `align` blocks."""
+    blocks = -(-n // align)
+    per = -(-blocks // max(1, workers))
+    return [(s * align, min((s + per) * align, n)) for s in range(0, blocks, per)] or [(0, 0)]

@@ -62,6 +62,15 @@ class ShardedWriter:
         self._writer: StreamingSafetensorsWriter | None = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._open_next().write(name, tensor)
+        self._left -= 1
+
+    def write_pieces(self, name: str, pieces) -> None:
+        """Write tensor `name` from its flat pieces in order (see StreamingSafetensorsWriter)."""
+        self._open_next().write_pieces(name, pieces)
+        self._left -= 1
+
+    def _open_next(self) -> StreamingSafetensorsWriter:
         if self._left == 0:
             if self._writer is not None:
                 self._writer.close()
@@ -71,8 +80,7 @@ class ShardedWriter:
                 self.out_dir / self.names[self._shard], self.shards[self._shard]
             )
         assert self._writer is not None
-        self._writer.write(name, tensor)
-        self._left -= 1
+        return self._writer
 
     def close(self) -> None:
         if self._writer is not None:

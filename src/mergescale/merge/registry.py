@@ -175,6 +175,11 @@ class MergeMethod:
     # fit come from the workflow's compute_stats rule.
     stats: tuple[str, ...] = ()
     fit: Callable[..., Any] | None = None
+    # Element-wise methods that merge a tensor block by block from inputs read by flat
+    # ranges: called like `function`, with sources (ops.TensorSource or
+    # safetensors_io.FileSource) for tensors, it yields (start, end, float32 block) in
+    # flat order. The engine uses it for tensors too big to hold.
+    blocks: Callable[..., Any] | None = None
 
     @property
     def needs_data(self) -> bool:
@@ -229,6 +234,7 @@ def register_method(
     setup: Callable[[list[str], dict | None], dict[str, Any]] | None = None,
     stats: tuple[str, ...] = (),
     fit: Callable[..., Any] | None = None,
+    blocks: Callable[..., Any] | None = None,
 ) -> Callable[[TensorMergeFn], TensorMergeFn]:
     """Decorator: register `function` under `name`. A second registration of a name raises.
 
@@ -256,6 +262,7 @@ def register_method(
             max_experts=max_experts,
             setup=setup,
             stats=tuple(stats),
+            blocks=blocks,
             fit=fit,
         )
         return function

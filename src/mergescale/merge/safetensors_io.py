@@ -192,6 +192,25 @@ class StreamingSafetensorsWriter:
                 self._file.write(memoryview(data.numpy()))
         self._next += 1
 
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Write tensor `name` from its flat pieces, in order (a tensor too big to hold)."""
+        expected = self._plan[self._next]
+        numel = 1
+        for d in expected.shape:
+            numel *= d
+        done = 0
+        for piece in pieces:
+            if name != expected.name or piece.dtype != expected.dtype or done + piece.numel() > numel:
+                raise RuntimeError(f"{self.path}: expected {expected.name} {expected.dtype}{list(expected.shape)}, "
+                                   f"got a piece of {name} {piece.dtype} past element {done}")
+            data = piece.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            with reporting_write_errors(self.path):
+                self._file.write(memoryview(data.numpy()))
+            done += piece.numel()
+        if done != numel:
+            raise RuntimeError(f"{self.path}: {name}: {done} of {numel} elements written")
+        self._next += 1
+
     def close(self) -> None:
         if self._file.closed:
             return
@@ -206,3 +225,28 @@ class StreamingSafetensorsWriter:
             self._file.close()
         except OSError:  # the flush failed too (disk still full): the file is discarded anyway
             pass
+
+
+class FileSource:
+    """One tensor of a safetensors file, read by flat element ranges: a merge of a
+    tensor too big to hold reads it block by block (the interface of
+    mergescale.merge.ops.TensorSource). Each range read is checked to be finite."""
+
+    in_memory = False
+
+    def __init__(self, fd: int, info: TensorInfo, path: Path, name: str):
+        self.fd, self.info, self.path, self.name = fd, info, Path(path), name
+        self.shape, self.dtype, self.numel = info.shape, info.dtype, info.numel
+        self._itemsize = torch.empty((), dtype=info.dtype).element_size()
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        part = TensorInfo(self.dtype, (end - start,), self.info.begin + start * self._itemsize,
+                          (end - start) * self._itemsize)
+        t = read_tensor(self.fd, part, self.path)
+        if t.is_floating_point() and t.numel():
+            low, high = torch.aminmax(t)
+            if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+                bad = int((~torch.isfinite(t)).sum())
+                raise MergeInputError(f"tensor {self.name!r} in {self.path} contains {bad} NaN/Inf values "
+                                      f"(among elements {start}..{end})")
+        return t

@@ -178,7 +178,11 @@ class StatsReader:
     """
 
     def __init__(self, kinds: tuple[str, ...], dirs: list[Path]):
-        from safetensors import safe_open
+        # Read with positional reads, not a memory map: mapped pages stay resident
+        # while the file is open, so a merge's memory would grow with every Gram read.
+        import os
+
+        from mergescale.merge.safetensors_io import read_header
 
         self.kinds = kinds
         self.dirs = [Path(d) for d in dirs]
@@ -189,23 +193,24 @@ class StatsReader:
                 path = d / KIND_FILES[kind]
                 if not path.is_file():
                     raise MergeInputError(f"{path}: statistics file missing (run the compute_stats rule)")
-                try:
-                    opened[kind] = _Opened(path, safe_open(str(path), framework="pt"))
-                except Exception as e:  # safetensors raises its own error types
-                    raise MergeInputError(f"{path}: unreadable statistics file ({e})") from e
+                infos, _ = read_header(path)  # names the file when it is corrupt
+                opened[kind] = _Opened(path, (os.open(path, os.O_RDONLY), infos))
             self._files.append(opened)
 
     def get(self, name: str, shape: torch.Size) -> list[dict[str, torch.Tensor | None]]:
+        from mergescale.merge.safetensors_io import read_tensor
+
         out = []
         for opened in self._files:
             entry: dict[str, torch.Tensor | None] = {}
             for kind, f in opened.items():
-                if name not in f.handle.keys():
+                fd, infos = f.handle
+                if name not in infos:
                     if kind == "fisher":
                         raise MergeInputError(f"{f.path}: no Fisher diagonal for tensor {name!r}")
                     entry[kind] = None
                     continue
-                t = f.handle.get_tensor(name)
+                t = read_tensor(fd, infos[name], f.path)
                 want = tuple(shape) if kind == "fisher" else (shape[-1], shape[-1])
                 if tuple(t.shape) != want:
                     raise MergeInputError(
@@ -216,6 +221,14 @@ class StatsReader:
                 entry[kind] = t
             out.append(entry)
         return out
+
+    def close(self) -> None:
+        import os
+
+        for opened in self._files:
+            for f in opened.values():
+                os.close(f.handle[0])
+        self._files = []
 
     def cards(self) -> list[dict]:
         import json

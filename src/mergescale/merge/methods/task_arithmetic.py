@@ -28,6 +28,7 @@ entry by its own keep probability), where mergekit 0.1.5 instead matches the L1 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import torch
@@ -70,11 +71,11 @@ def _rescale(default: bool) -> Hyperparameter:
 
 
 class _Sparsifier:
-    """One expert's sparsifier.
+    """One expert's sparsifier, applied block by block.
 
-    Magnitude-based kinds need the whole task vector to rank it: `trim_whole` does that
-    in one go when the task vector is in memory; otherwise `select_streamed` finds the
-    thresholds (recomputing |tau| slice by slice) and `apply` trims chunk by chunk.
+    Magnitude kinds need the whole task vector to rank it: their cuts (threshold and
+    tie cutoff, ops.Cut) are found first, for every expert in one pass (`ks`,
+    `set_cuts`); each block is then trimmed on its own. Random kinds draw per block.
     """
 
     def __init__(self, kind: str | None, p: dict, rescale: bool, n: int, generator):
@@ -82,12 +83,12 @@ class _Sparsifier:
         self.density = p.get("density", 1.0)
         self.rescale = rescale
         self.generator = generator
-        self.trimmed = False
+        self.ks: list[int] = []
         if self.kind == "magnitude":
-            self.k = ops.magnitude_k(n, self.density)
+            self.ks = [ops.magnitude_k(n, self.density)]
         elif self.kind == "outliers":
             n_top, keep = ops.outlier_band(n, self.density, p["gamma"])
-            self.k, self.k_outliers = n_top + keep, n_top
+            self.ks = [n_top + keep, n_top]  # the band is the big set minus the outliers
         elif self.kind == "della":
             self.epsilon = p["epsilon"]
             if self.density - self.epsilon <= 0 or self.density + self.epsilon > 1:
@@ -96,35 +97,19 @@ class _Sparsifier:
                     "and density + epsilon <= 1"
                 )
 
-    def trim_whole(self, tau: torch.Tensor) -> None:
-        """Magnitude kinds: trim the whole (flat) task vector in place."""
-        if self.kind == "magnitude":
-            ops.top_k_trim_(tau, self.k)
-        elif self.kind == "outliers":
-            # nested top-k sets: the band is the big set minus the outliers
-            tau.copy_(ops.top_k_trim(tau, self.k).sub_(ops.top_k_trim(tau, self.k_outliers)))
-        else:
-            return
-        self.trimmed = True
+    def set_cuts(self, cuts: list[ops.Cut]) -> None:
+        self.cuts = cuts
 
-    def select_streamed(self, n: int, scores_of) -> None:
-        """Magnitude kinds: find thresholds now, trim per chunk in `apply`."""
-        if self.kind == "magnitude":
-            self.top = ops.select_top_k(scores_of, n, self.k)
-        elif self.kind == "outliers":
-            self.top = ops.select_top_k(scores_of, n, self.k)
-            self.outliers = ops.select_top_k(scores_of, n, self.k_outliers)
-
-    def apply(self, tau: torch.Tensor, rows: int) -> torch.Tensor:
-        """Sparsify one chunk in place (`rows`: how many rows the chunk holds, for DELLA)."""
+    def apply(self, tau: torch.Tensor, start: int, rows: int, spare: torch.Tensor) -> torch.Tensor:
+        """Sparsify one flat block in place (`start`: its flat offset; `rows`: how many
+        rows it holds, for DELLA; `spare`: a buffer of its size for the outlier band)."""
         if self.kind is None:
             return tau
-        if self.kind in ("magnitude", "outliers"):
-            if not self.trimmed:
-                kept = self.top.trim(tau)
-                if self.kind == "outliers":
-                    kept.sub_(self.outliers.trim(tau))
-                tau.copy_(kept)
+        if self.kind == "magnitude":
+            self.cuts[0].trim_(tau, start)
+        elif self.kind == "outliers":
+            outliers = self.cuts[1].trim_(spare.copy_(tau), start)
+            self.cuts[0].trim_(tau, start).sub_(outliers)
         elif self.kind == "random":
             tau.mul_(ops.random_mask(tau, self.density, self.generator))
         elif self.kind == "della":
@@ -138,69 +123,262 @@ class _Sparsifier:
         return tau
 
 
-# Task vectors of a tensor up to this size (all experts together) are computed once and
-# kept; bigger ones (embeddings) are recomputed chunk by chunk to bound memory.
-RESIDENT_BYTES = 256 * 2**20
+# Elements per block: a block's buffers (the task vectors of every expert and a few
+# more) stay in a core's L2 cache while every element-wise step runs on them, and
+# element-wise torch operations of at most 32768 elements run on the calling thread.
+BLOCK_ELEMENTS = 1 << 15
+# Inputs read from disk (tensors too big to hold, see mergescale.merge.engine) are read
+# this many elements at a time, per input and worker.
+READ_ELEMENTS = 1 << 22
+
+
+class _Blocks:
+    """Walks the flat inputs (base first) in blocks, on `workers` threads each taking a
+    contiguous range: in memory, blocks are views; from disk, a range is read
+    READ_ELEMENTS at a time. Randomised sparsifiers draw in order: one worker, and
+    blocks of ops.CHUNK_ELEMENTS whole rows."""
+
+    def __init__(self, sources, n: int, block: int, workers: int):
+        self.sources, self.n, self.block = sources, n, block
+        self.in_memory = all(getattr(s, "in_memory", False) for s in sources)
+        self.device = sources[0].flat.device if self.in_memory else torch.device("cpu")
+        self.workers = workers
+
+    def walk(self, s0: int, e0: int):
+        """(start, end, [flat view of each input]) for the blocks of [s0, e0)."""
+        step = self.block if self.in_memory else max(self.block, (READ_ELEMENTS // self.block) * self.block)
+        for cs in range(s0, e0, step):
+            ce = min(cs + step, e0)
+            chunk = [src.read(cs, ce) for src in self.sources]
+            for s in range(cs, ce, self.block):
+                e = min(s + self.block, ce)
+                yield s, e, [c[s - cs:e - cs] for c in chunk]
+
+    def map(self, work, s0: int = 0, e0: int | None = None):
+        """work(start, end) over contiguous lanes of [s0, e0), one per worker; the
+        results in lane (flat) order."""
+        e0 = self.n if e0 is None else e0
+        lanes = [(s0 + s, s0 + e) for s, e in ops.lanes(e0 - s0, self.workers, self.block)]
+        if len(lanes) == 1:
+            return [work(*lanes[0])]
+        with ThreadPoolExecutor(len(lanes), thread_name_prefix="merge-block") as pool:
+            return list(pool.map(lambda lane: work(*lane), lanes))
+
+
+def _sample_runs(n: int, runs: int = 256, run: int = 1024) -> list[tuple[int, int]]:
+    """Evenly spaced ranges sampling a tensor on disk with few reads."""
+    if n <= runs * run:
+        return [(0, n)]
+    return [(i * n // runs, i * n // runs + run) for i in range(runs)]
+
+
+def _find_cuts(blocks: _Blocks, sparsifiers: list[_Sparsifier]) -> None:
+    """Every magnitude sparsifier's cuts, from one pass over the blocks (two more for
+    any whose bracket from a sample missed)."""
+    n = blocks.n
+    wants = [(i, k) for i, sp in enumerate(sparsifiers) for k in sp.ks]
+    cuts: list[ops.Cut | None] = [ops.cut_trivial(n, k) for _, k in wants]
+    brackets: list[tuple[float, float] | None] = [None] * len(wants)
+    # a sample of each task vector's magnitudes brackets its threshold: strided in
+    # memory, evenly spaced runs of a tensor on disk (a miss costs a histogram pass)
+    if blocks.in_memory:
+        step = ops._sample_step(n)
+        base = blocks.sources[0].flat[::step]
+        samples = {i: ops.f32(blocks.sources[1 + i].flat[::step]).sub_(base).abs_() for i, _ in wants}
+    else:
+        runs = _sample_runs(n)
+        base = torch.cat([blocks.sources[0].read(s, e) for s, e in runs]).float()
+        samples = {i: torch.cat([blocks.sources[1 + i].read(s, e) for s, e in runs]).float().sub_(base).abs_()
+                   for i, _ in wants}
+    brackets = [None if cuts[j] else ops.bracket_of_sample(samples[i], n, k) for j, (i, k) in enumerate(wants)]
+    experts = sorted({i for i, _ in wants})
+
+    def scores(s0, e0):
+        """|tau_i| of every expert that has a cut to find, block by block."""
+        bf = torch.empty(blocks.block, dtype=torch.float32, device=blocks.device)
+        bufs = {i: torch.empty(blocks.block, dtype=torch.float32, device=blocks.device) for i in experts}
+        for s, e, flats in blocks.walk(s0, e0):
+            b = bf[: e - s].copy_(flats[0])
+            yield s, {i: torch.sub(bufs[i][: e - s].copy_(flats[1 + i]), b, out=bufs[i][: e - s]).abs_()
+                      for i in experts}
+
+    for _ in range(2):
+        todo = [j for j in range(len(wants)) if cuts[j] is None]
+        if not todo:
+            break
+        missing = [j for j in todo if brackets[j] is None]
+        if missing:  # histograms of the high bits, bucket by bucket
+            def histogram(s0, e0):
+                keys = {j: torch.empty(min(READ_ELEMENTS, max(e0 - s0, 1)), dtype=torch.int32) for j in missing}
+                hist = {j: torch.zeros(1 << 15, dtype=torch.int64) for j in missing}
+                filled = 0
+                for s, sc in scores(s0, e0):
+                    m = next(iter(sc.values())).numel()
+                    if filled + m > keys[missing[0]].numel():
+                        for j in missing:
+                            hist[j] += torch.bincount(keys[j][:filled], minlength=1 << 15)
+                        filled = 0
+                    for j in missing:
+                        torch.bitwise_right_shift(sc[wants[j][0]].view(torch.int32), 16, out=keys[j][filled:filled + m])
+                    filled += m
+                for j in missing:
+                    hist[j] += torch.bincount(keys[j][:filled], minlength=1 << 15)
+                return hist
+
+            totals = blocks.map(histogram)
+            for j in missing:
+                brackets[j] = ops.bucket_bracket(sum(h[j] for h in totals), wants[j][1])
+
+        def band(s0, e0):
+            counts = {j: ops.BandCount(*brackets[j]) for j in todo}
+            for s, sc in scores(s0, e0):
+                for j in todo:
+                    counts[j].add(sc[wants[j][0]], s)
+            return counts
+
+        parts = blocks.map(band)
+        for j in todo:
+            count = parts[0][j]
+            for later in parts[1:]:
+                count.extend(later[j])
+            cuts[j] = count.cut(wants[j][1])
+            if cuts[j] is None:
+                brackets[j] = None  # the sample's bracket missed: histogram next round
+    if any(c is None for c in cuts):  # cannot happen: a bucket always holds its threshold
+        raise RuntimeError("top-k threshold not found")
+    for i, sp in enumerate(sparsifiers):
+        sp.set_cuts([cuts[j] for j, (e, _) in enumerate(wants) if e == i])
+
+
+def gta_blocks(
+    base, experts, expert_params, params, generator, name, *, sparsifier: str | None, consensus: str | None,
+    out: torch.Tensor | None = None,
+):
+    """Generalised task arithmetic block by block: yields (start, end, merged float32
+    piece) in flat order (a piece is valid until the next is made), or fills `out`
+    (flat float32) and yields nothing.
+
+    base, experts: tensors, or sources read by flat ranges (ops.TensorSource, or a
+    tensor on disk: mergescale.merge.safetensors_io.FileSource). Every step of a block
+    (to float32, task vector, trim, weight, sign election, disjoint mean, add to the
+    base) runs while the block is in cache."""
+    sources = [ops.as_source(base)] + [ops.as_source(x) for x in experts]
+    shape, n = sources[0].shape, sources[0].numel
+    sparsifiers = [_Sparsifier(sparsifier, p, params.get("rescale", False), n, generator) for p in expert_params]
+    randomised = any(sp.kind in ("random", "della") for sp in sparsifiers)
+    # DELLA ranks within rows, so its blocks hold whole rows; 1-D tensors are one row.
+    row = (shape[-1] if len(shape) >= 2 else n) if sparsifier == "della" else 1
+    threads = torch.get_num_threads()
+    blocks = _Blocks(sources, n, BLOCK_ELEMENTS, threads)
+    if randomised or blocks.device.type != "cpu":
+        # draws follow the block order (one worker, blocks of whole rows); a GPU wants
+        # big blocks, on one host thread
+        blocks = _Blocks(sources, n, max(row, (ops.CHUNK_ELEMENTS // row) * row), 1)
+    elif threads > 1:
+        # The workers are the threads: torch's own would only wake (and spin) for the
+        # few operations on whole tensors, which costs more than they save on a busy CPU.
+        torch.set_num_threads(1)
+    try:
+        yield from _merge_blocks(blocks, sources, sparsifiers, expert_params, params, consensus, row, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _merge_blocks(blocks, sources, sparsifiers, expert_params, params, consensus, row, out):
+    """gta_blocks once its blocks are planned."""
+    n, k = blocks.n, len(sources) - 1
+    if any(sp.ks for sp in sparsifiers):
+        _find_cuts(blocks, sparsifiers)
+
+    weights = [p["weight"] for p in expert_params]
+    equal_weights = len(set(weights)) == 1
+    device = blocks.device
+    lam, normalize = params["lambda"], params["normalize"]
+    total = sum(weights)
+
+    def merge(s0, e0, dest, offset):
+        size = blocks.block
+        bf = torch.empty(size, dtype=torch.float32, device=device)
+        deltas = torch.empty(k, size, dtype=torch.float32, device=device)
+        spare = torch.empty(size, dtype=torch.float32, device=device)
+        votes, elected, mixed = (torch.empty(size, dtype=torch.float32, device=device) for _ in range(3))
+        ones = torch.ones(size, dtype=torch.float32, device=device)
+        zero = torch.empty(size, dtype=torch.bool, device=device)
+        for s, e, flats in blocks.walk(s0, e0):
+            m = e - s
+            b = bf[:m].copy_(flats[0])
+            d = deltas[:, :m]
+            for i in range(k):
+                torch.sub(d[i].copy_(flats[1 + i]), b, out=d[i])
+                sparsifiers[i].apply(d[i], s, m // row, spare[:m])
+                if weights[i] != 1:
+                    d[i].mul_(weights[i])
+            v = votes[:m]
+            if consensus == "count":  # sign held by more experts
+                torch.sign(d[0], out=v)
+                for i in range(1, k):
+                    v.add_(torch.sign(d[i]))
+            else:
+                _sum_rows(d, v)
+            if consensus is not None:
+                # +1 where votes >= 0 (an exact cancellation sums to +0.0); -0.0 only
+                # arises when every entry is zero, and zeros never agree anyway
+                el = torch.copysign(ones[:m], v, out=elected[:m])
+                # Row by row from here on: an operation on one block of every expert
+                # would be split over threads, and each worker thread is one already.
+                for i in range(k):
+                    d[i].mul_(el).relu_()  # |entries| agreeing with the elected sign
+                mx = _sum_rows(d, mixed[:m]).mul_(el)
+                if normalize:  # divide by the sum of the weights that contributed
+                    for i in range(k):
+                        d[i].sign_()
+                        if not equal_weights:
+                            d[i].mul_(weights[i])
+                    divisor = _sum_rows(d, v)
+                    if equal_weights:  # counted the contributors; none: divide by 1
+                        none = torch.sign(divisor, out=spare[:m]).neg_().add_(1)  # 1 where the count is 0
+                        divisor.mul_(weights[0]).add_(none)
+                    else:
+                        divisor.add_(torch.eq(divisor, 0, out=zero[:m]))
+                    mx.div_(divisor)
+            else:
+                mx = v
+                if normalize:
+                    mx.div_(total if abs(total) >= 1e-8 else 1.0)
+            torch.add(b, mx, alpha=lam, out=dest[s - offset:e - offset])
+
+    if out is not None:
+        blocks.map(lambda s0, e0: merge(s0, e0, out, 0))
+        return
+    # streamed: pieces of whole blocks, each merged by every worker, then handed out
+    size = min(n, max(blocks.block, (READ_ELEMENTS // blocks.block) * blocks.block))
+    piece = torch.empty(size, dtype=torch.float32)
+    for ps in range(0, n, size):
+        pe = min(ps + size, n)
+        blocks.map(lambda s0, e0: merge(s0, e0, piece, ps), ps, pe)
+        yield ps, pe, piece[: pe - ps]
+
+
+def _sum_rows(d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """d.sum(dim=0) into out, row after row: the same float32 sums in the same order,
+    and never split over threads (a worker thread is already one of them)."""
+    if d.shape[0] == 1:
+        return out.copy_(d[0])
+    torch.add(d[0], d[1], out=out)
+    for i in range(2, d.shape[0]):
+        out.add_(d[i])
+    return out
 
 
 def generalized_task_arithmetic(
     base, experts, expert_params, params, generator, name, *, sparsifier: str | None, consensus: str | None
 ) -> torch.Tensor:
-    """Works on the flattened tensor in cache-sized chunks; memory stays at the inputs
-    plus the task vectors (or, for tensors above RESIDENT_BYTES, a few chunk buffers)."""
-    device = base.device
-    flat_base = base.reshape(-1)
-    flats = [x.reshape(-1) for x in experts]
-    n, k = flat_base.numel(), len(experts)
-    sparsifiers = [_Sparsifier(sparsifier, p, params.get("rescale", False), n, generator) for p in expert_params]
-    resident = None
-    if k * n * 4 <= RESIDENT_BYTES:
-        resident = ops.SCRATCH.get("gta.resident", (k, n), torch.float32, device)
-        ops.task_vectors(flat_base, flats, out=resident)  # [K, N]
-        for i in range(k):
-            sparsifiers[i].trim_whole(resident[i])
-    else:
-        for i in range(k):
-            sparsifiers[i].select_streamed(n, lambda sl, i=i: ops.f32(flats[i][sl]).sub_(flat_base[sl]).abs_())
-
-    weights = [p["weight"] for p in expert_params]
-    w = torch.tensor(weights, dtype=torch.float32, device=device).unsqueeze(1)  # [K, 1]
-    # DELLA ranks within rows, so its chunks hold whole rows; 1-D tensors are one row.
-    row = (base.shape[-1] if base.dim() >= 2 else n) if sparsifier == "della" else 1
-    chunks = ops.chunk_ranges(n, align=row)
-    out = torch.empty(n, dtype=torch.float32, device=device)
-    for s, e in chunks:
-        b = ops.f32(flat_base[s:e])
-        if resident is not None:
-            deltas = resident[:, s:e]  # [K, chunk], a view we may overwrite
-        else:
-            deltas = ops.SCRATCH.get("gta.chunk", (k, e - s), torch.float32, device)  # [K, chunk]
-            for i in range(k):
-                deltas[i].copy_(flats[i][s:e]).sub_(b)
-        for i in range(k):
-            sparsifiers[i].apply(deltas[i], (e - s) // row)
-            if weights[i] != 1:
-                deltas[i].mul_(weights[i])
-
-        if consensus is not None:
-            votes = deltas.sum(dim=0) if consensus == "sum" else deltas.sign().sum(dim=0)
-            # +1 where votes >= 0 (an exact cancellation sums to +0.0); -0.0 only
-            # arises when every entry is zero, and zeros never agree anyway
-            elected = torch.ones_like(votes).copysign_(votes)
-            agreeing = deltas.mul_(elected).relu_()  # |entries| agreeing with the elected sign
-            mixed = agreeing.sum(dim=0).mul_(elected)
-            if params["normalize"]:
-                if len(set(weights)) == 1:  # equal weights: count the contributors
-                    divisor = agreeing.sign_().sum(dim=0).mul_(weights[0])
-                else:
-                    divisor = (agreeing.sign_() * w).sum(dim=0)  # sum of weights that contributed
-                mixed.div_(divisor.add_(divisor == 0))  # nothing contributed: divide by 1
-        else:
-            mixed = deltas.sum(dim=0)
-            if params["normalize"]:
-                total = sum(weights)
-                mixed.div_(total if abs(total) >= 1e-8 else 1.0)
-        out[s:e] = b.add_(mixed, alpha=params["lambda"])
+    """The merged tensor in float32 (see gta_blocks); memory: the inputs, the output
+    and a few block buffers per worker."""
+    out = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
+    for _ in gta_blocks(base, experts, expert_params, params, generator, name,
+                        sparsifier=sparsifier, consensus=consensus, out=out):
+        pass
     return out.reshape(base.shape)
 
 
@@ -223,6 +401,7 @@ def _register(name, sparsifier, consensus, normalize, rescale, paper, descriptio
         randomised=randomised,
         paper=paper,
         description=description,
+        blocks=partial(gta_blocks, sparsifier=sparsifier, consensus=consensus),
     )(fn)
 
 
