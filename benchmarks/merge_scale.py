@@ -101,7 +101,7 @@ def write_regmean_inputs(root: Path, experts: list[Path], layers: int, tokens: i
 
     from mergescale.merge.checkpoint import Checkpoint
     from mergescale.merge.ops import layer_index
-    from mergescale.stats import GRAM_FILE, TOKENS_KEY
+    from mergescale.merge.statistics import GRAM_FILE, TOKENS_KEY
 
     parts, stats = [], []
     for i, expert in enumerate(experts):
