@@ -28,7 +28,7 @@ timing line). Rules without a timing line (shell rules) take --rule-cpu values (
 in SHELL_RULE_CPU, measured by hand).
 
 Wall time on N cores = the DAG build (timed: the dry run builds the same DAG)
- + the worker's imports + the serial tail (aggregate, findings, plot run after every
+ + the worker's imports + the serial tail (aggregate_scores, write_findings, plot_figures run after every
  other job) + (every other job's CPU + Snakemake's scheduling CPU per job x jobs) / N.
 It assumes the cores stay busy (a grid of many bases keeps both busy; the longest job is
 printed, a lower bound on any wall time).

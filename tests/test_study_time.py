@@ -123,10 +123,10 @@ rule evaluate_batch:
     resources: tmpdir=/tmp
 
 [Thu Dec  3 16:57:11 2026]
-localrule aggregate:
+localrule aggregate_scores:
     input: results/evals/a/scores.json
     output: results/tables/scores.csv
-    log: results/logs/aggregate.log
+    log: results/logs/aggregate_scores.log
     jobid: 9
     resources: tmpdir=/tmp
 
@@ -181,7 +181,7 @@ def test_the_prediction_adds_up(run_dir):
     assert rows["unbatch_scores"]["cpu"] == pytest.approx(0.5)
     assert pred.job_cpu == pytest.approx(20.0 + 4 + 4 + 3 + 0.5)
     assert pred.scheduler_cpu == pytest.approx(5 * 0.2)
-    # DAG + worker + serial tail (aggregate) + the rest over 2 cores
+    # DAG + worker + serial tail (aggregate_scores) + the rest over 2 cores
     assert pred.wall(2) == pytest.approx(10.0 + study_time.WORKER_START_CPU + 3.0 + (28.5 + 1.0) / 2)
 
 

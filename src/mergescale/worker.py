@@ -61,7 +61,7 @@ PRELOAD = (
     "mergescale.rule_methods.registry", "mergescale.studies.sparse_soups.cycle", "mergescale.studies.sparse_soups.report",
     "mergescale.evaluate.spec_models", "mergescale.training.stages", "mergescale.merge.statistics", "mergescale.tasks",
     "mergescale.tasks.lmeval_yaml", "mergescale.merge.task_vectors", "mergescale.evaluate.tuning",
-    "mergescale.merge.search_space",
+    "mergescale.merge.search_space", "mergescale.sources.grid",
     "mergescale.rule_methods.twin_merging", "mergescale.report.results_page", "mergescale.report.inference",
 )
 
