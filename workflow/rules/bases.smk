@@ -61,7 +61,7 @@ rule link_variant_base:
     output:
         directory("results/bases/{base}"),
     log:
-        "results/logs/variant_base/{base}.log",
+        "results/logs/link_variant_base/{base}.log",
     wildcard_constraints:
         base=one_of(VARIANT_BASES),
     conda:

@@ -7,7 +7,7 @@ rule compute_task_vector_stats:
     output:
         "results/tables/task_vectors/{base}.json",
     log:
-        "results/logs/task_vector_stats/{base}.log",
+        "results/logs/compute_task_vector_stats/{base}.log",
     conda:
         SOFTWARE
     threads: 1
@@ -25,7 +25,7 @@ rule write_task_vector_table:
     output:
         report("results/tables/task_vectors.md", caption="../report/task_vectors.rst", category="Tables"),
     log:
-        "results/logs/task_vector_table.log",
+        "results/logs/write_task_vector_table.log",
     conda:
         SOFTWARE
     script:
@@ -39,7 +39,7 @@ rule write_tuning_table:
     output:
         report("results/tables/tuning.md", caption="../report/tuning.rst", category="Tables"),
     log:
-        "results/logs/tuning_table.log",
+        "results/logs/write_tuning_table.log",
     conda:
         SOFTWARE
     script:

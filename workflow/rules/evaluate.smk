@@ -91,7 +91,7 @@ rule build_ensemble:
     output:
         directory("results/ensembles/{base}/{combo}"),
     log:
-        "results/logs/ensemble/{base}/{combo}.log",
+        "results/logs/build_ensemble/{base}/{combo}.log",
     conda:
         SOFTWARE
     script:

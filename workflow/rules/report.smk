@@ -7,7 +7,7 @@ rule aggregate_scores:
         latex=report("results/tables/summary.tex", caption="../report/summary.rst", category="Tables"),
         normalized=report("results/tables/normalized.csv", caption="../report/normalized.rst", category="Tables"),
     log:
-        "results/logs/aggregate.log",
+        "results/logs/aggregate_scores.log",
     conda:
         SOFTWARE
     params:
@@ -25,7 +25,7 @@ rule write_findings:
     output:
         report("results/findings.md", caption="../report/findings.rst", category="Findings"),
     log:
-        "results/logs/findings.log",
+        "results/logs/write_findings.log",
     conda:
         SOFTWARE
     script:
@@ -57,7 +57,7 @@ rule plot_figures:
             category="Figures",
         ),
     log:
-        "results/logs/plot.log",
+        "results/logs/plot_figures.log",
     conda:
         SOFTWARE
     params:

@@ -44,7 +44,7 @@ if CROSS_SEED:
             curves=report("results/tables/barrier.csv", caption="../../report/barrier.rst", category="Tables"),
             heights="results/tables/barrier_heights.csv",
         log:
-            "results/logs/barrier.log",
+            "results/logs/measure_barrier.log",
         benchmark:
             "results/benchmarks/barrier.tsv"
         conda:

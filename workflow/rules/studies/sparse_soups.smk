@@ -18,7 +18,7 @@ if SPARSE_SOUPS:
             best_copy=directory("results/sparse/{base}/{task}/c{cycle}/best_copy"),
             card="results/sparse/{base}/{task}/c{cycle}/cycle_card.json",
         log:
-            "results/logs/sparse_soup_cycle/{base}/{task}/c{cycle}.log",
+            "results/logs/run_sparse_soup_cycle/{base}/{task}/c{cycle}.log",
         benchmark:
             "results/benchmarks/sparse_soup_cycle/{base}/{task}/c{cycle}.tsv"
         wildcard_constraints:
