@@ -195,6 +195,22 @@ def _method_lines(ax, at: pd.DataFrame, column: str, methods: list[str]) -> list
     return counts
 
 
+def _method_panels(data: pd.DataFrame, metrics: list[str], methods: list[str], add_to_panel):
+    """A row of panels per metric and a column per size, a line per method in each;
+    ``add_to_panel(ax, rows_of_the_size, column)`` draws what a figure adds to every panel.
+    Returns the figure, its axes and the replicate counts of the lines."""
+    fig, axes = _panels(len(metrics), len(sizes(data)), sharex=True, sharey="row")
+    counts = []
+    for col, size in enumerate(sizes(data)):
+        at = data[data["size"] == size]
+        axes[0][col].set_title(_size_title(data, size), fontsize="medium")
+        for row, metric in enumerate(metrics):
+            ax, column = axes[row][col], metric_column(data, metric)
+            counts += _method_lines(ax, at, column, methods)
+            add_to_panel(ax, at, column)
+    return fig, axes, counts
+
+
 def plot_normalized_vs_k(normalized: pd.DataFrame, quality: str, out: Path, small: bool = False) -> str:
     """The paper's main figure for one base quality: normalised held-in (top) and held-out
     (bottom) vs k, a panel per size, a line per method of the paper's four, intervals over
@@ -203,18 +219,14 @@ def plot_normalized_vs_k(normalized: pd.DataFrame, quality: str, out: Path, smal
     methods = paper_methods(data)
     ks = sorted(merged_rows(data).k.unique())
     metrics = ["held_in", "held_out"]
-    fig, axes = _panels(2, len(sizes(data)), sharex=True, sharey="row")
-    counts = []
-    for col, size in enumerate(sizes(data)):
-        at = data[data["size"] == size]
-        axes[0][col].set_title(_size_title(data, size), fontsize="medium")
-        for row, metric in enumerate(metrics):
-            ax, column = axes[row][col], metric_column(data, metric)
-            counts += _method_lines(ax, at, column, methods)
-            for ref, (label, style) in REFERENCE_LINES.items():
-                s = over_replicates(at[at.method == ref], column, ["k"])
-                if len(s):
-                    ax.plot(s.k, s["mean"], label=label, **style)
+
+    def references(ax, at, column):
+        for ref, (label, style) in REFERENCE_LINES.items():
+            s = over_replicates(at[at.method == ref], column, ["k"])
+            if len(s):
+                ax.plot(s.k, s["mean"], label=label, **style)
+
+    fig, axes, counts = _method_panels(data, metrics, methods, references)
     _k_axes(fig, axes, ks, metrics)
     note = interval_note(counts)
     fig.suptitle(f"Merging {quality} bases: normalised score against experts merged")
@@ -233,16 +245,12 @@ def plot_merged_vs_multitask(normalized: pd.DataFrame, out: Path, small: bool = 
     data = data[data.quality.fillna("").astype(str).isin(qualities)]
     methods = paper_methods(data)
     metrics = ["held_in_vs_multitask", "held_out_vs_multitask"]
-    fig, axes = _panels(2, len(sizes(data)), sharex=True, sharey="row")
-    counts = []
-    for col, size in enumerate(sizes(data)):
-        at = data[data["size"] == size]
-        axes[0][col].set_title(_size_title(data, size), fontsize="medium")
-        for row, metric in enumerate(metrics):
-            ax, column = axes[row][col], metric_column(data, metric)
-            counts += _method_lines(ax, at, column, methods)
-            if not at[column].notna().any():
-                _no_data(ax, "undefined: the multitask model\nis at chance on every task")
+
+    def undefined_where_empty(ax, at, column):
+        if not at[column].notna().any():
+            _no_data(ax, "undefined: the multitask model\nis at chance on every task")
+
+    fig, axes, counts = _method_panels(data, metrics, methods, undefined_where_empty)
     _k_axes(fig, axes, sorted(data.k.unique()), metrics)
     for ax in axes.flat:  # the reference line is the multitask model itself
         ax.axhline(1.0, label="multitask model", **REFERENCE_LINES["multitask"][1])
