@@ -39,9 +39,11 @@ def _imports(path: Path, known: set[str]) -> set[str]:
     return found & known
 
 
+MODULES = _modules()  # read once: the parametrised test below runs once per module
+
+
 def import_graph() -> dict[str, set[str]]:
-    modules = _modules()
-    return {name: _imports(path, set(modules)) - {name} for name, path in modules.items()}
+    return {name: _imports(path, set(MODULES)) - {name} for name, path in MODULES.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -81,9 +83,9 @@ def test_the_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-@pytest.mark.parametrize("name", sorted(_modules()))
+@pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_module_imports_the_workflow(name):
-    tree = ast.parse(_modules()[name].read_text())
+    tree = ast.parse(MODULES[name].read_text())
     for node in ast.walk(tree):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                  else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
@@ -95,5 +97,5 @@ def test_the_top_level_holds_infrastructure_only():
     evaluate/, rule_methods/, studies/, report/); the top level is what every one of them uses."""
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert top == ["__init__", "cli", "config", "errors", "io_utils", "job", "resources", "worker"]
-    errors_imports = _imports(PACKAGE / "errors.py", set(_modules()))
+    errors_imports = _imports(PACKAGE / "errors.py", set(MODULES))
     assert errors_imports == set(), "errors.py must import nothing of ours"
