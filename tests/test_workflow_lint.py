@@ -28,3 +28,19 @@ def test_snakemake_lint_is_clean(tmp_path):
 def test_snakefmt_check_is_clean():
     proc = _run("snakefmt", "--check", "--diff", "workflow")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
+def test_no_merge_conflict_markers_in_tracked_files():
+    """A conflict left in a doc or a config reads as content; git's markers never belong."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    markers = ("<<<<<<< ", "=======\n", ">>>>>>> ")
+    found = []
+    for name in files:
+        path = REPO / name
+        if path.suffix not in {".md", ".py", ".yaml", ".yml", ".smk", ".toml", ".txt", ".cfg"}:
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(True), 1):
+            if line.startswith(markers) or line == "=======":
+                found.append(f"{name}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
