@@ -46,7 +46,7 @@ if CROSS_SEED:
         log:
             "results/logs/measure_barrier.log",
         benchmark:
-            "results/benchmarks/barrier.tsv"
+            "results/benchmarks/measure_barrier.tsv"
         conda:
             SOFTWARE
         threads: 1

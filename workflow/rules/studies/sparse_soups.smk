@@ -20,7 +20,7 @@ if SPARSE_SOUPS:
         log:
             "results/logs/run_sparse_soup_cycle/{base}/{task}/c{cycle}.log",
         benchmark:
-            "results/benchmarks/sparse_soup_cycle/{base}/{task}/c{cycle}.tsv"
+            "results/benchmarks/run_sparse_soup_cycle/{base}/{task}/c{cycle}.tsv"
         wildcard_constraints:
             base=one_of(SPARSE_SOUPS.bases),
             task=one_of(SPARSE_SOUPS.tasks),
