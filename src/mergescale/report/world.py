@@ -193,9 +193,9 @@ def _cell(row, measure: str) -> str:
     mean = row[measure]
     if pd.isna(mean):
         return "n/a"
-    if row["n"] < 2:
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ({row[f'{measure}_min']:.3f} to {row[f'{measure}_max']:.3f})"
+    low, high = f"{row[f'{measure}_min']:.3f}", f"{row[f'{measure}_max']:.3f}"
+    # one replicate, or replicates that agree to the shown precision: no range
+    return f"{mean:.3f}" if row["n"] < 2 or low == high else f"{mean:.3f} ({low} to {high})"
 
 
 CHECK_NAMES = {"held_out_ok": "held-out", "gains_ok": "expert gain", "k2_ok": f"k = {WORLD_K}"}
@@ -226,7 +226,7 @@ def world_lines(results_dir, normalized: pd.DataFrame, thresholds: Thresholds = 
     lines = [
         "The bases, their experts and references, one row per size and base quality: each "
         "cell is the mean over the n pretraining-seed replicates, with their range in "
-        "parentheses when n > 1; exact match on the test split.", "",
+        "parentheses when they differ; exact match on the test split.", "",
         markdown_table(page), "",
         "- *held-out zero-shot*, *held-in zero-shot*: the base, mean over the held-out "
         "(held-in) tasks.",
