@@ -312,6 +312,7 @@ def test_page_world_section(study):
     assert rows[("m", "pretrained")][-1] == "miss: held-out"         # 0.19 on average
     assert rows[("m", "instruct")][-1] == "pass"
     assert "at least 0.2; every expert's gain" in section and "at least 0.6" in section
+    assert "the paper's four methods (average, task_arithmetic, ties, dare_ties)" in section
     assert ("- Size s: held-out zero-shot short 0.150, pretrained 0.250, instruct 0.350; "
             "largest gap in label order +0.200 (instruct − short), pass.") in section
     assert "- Size m: held-out zero-shot short 0.150, pretrained 0.190, instruct 0.230; " \

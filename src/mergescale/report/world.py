@@ -239,7 +239,8 @@ def world_lines(results_dir, normalized: pd.DataFrame, thresholds: Thresholds = 
         "by the rule `compute_task_vector_stats`).",
         "- *multitask held-in*: the multitask reference on the held-in tasks it trained on.",
         f"- *k = {k} best of four*: normalised held-in (merged ÷ each task's expert"
-        + (", ratio of sums" if column.endswith("ratio_of_sums") else "") + ") of the best of the paper's four methods ({', '.join(PAPER_METHODS)}): each "
+        + (", ratio of sums" if column.endswith("ratio_of_sums") else "")
+        + f") of the best of the paper's four methods ({', '.join(PAPER_METHODS)}): each "
         "method's mean over the expert subsets, the best method per base.",
         f"- *checks*, against what the tiny world was designed to reach "
         f"([tiny-world.md](tiny-world.md)): held-out zero-shot (mean over replicates) at "
