@@ -329,6 +329,9 @@ def test_world_lines_without_task_vectors_or_k2(tmp_path):
     instruct = next(line for line in text.splitlines() if line.startswith("| m | instruct |"))
     # one replicate: the mean alone; held-out 0.14 + 2 x 0.04 = 0.22, least gain 0.35
     assert instruct == "| m | instruct | 1 | 0.220 | 0.100 | 0.600 | 0.350 | 0.900 | n/a | pass (n/a: k = 2) |"
+    scores = simulate_scores(replicates=1, sizes=("m",))
+    scores[scores.kind != "base"].to_csv(results / "tables" / "scores.csv", index=False)
+    assert "has no base model's scores" in world_lines(results, normalized)[0]
     (results / "tables" / "scores.csv").write_text("kind,base,value\nbase,b,0.1\n")
     with pytest.raises(FindingsInputError, match=r"scores.csv: missing column\(s\) task, role, size, quality"):
         read_scores(results / "tables" / "scores.csv")

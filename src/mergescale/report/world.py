@@ -95,30 +95,33 @@ def per_base(scores: pd.DataFrame, normalized: pd.DataFrame,
     the rows; the task-vector columns only when `task_vectors` is given)."""
     value = pd.to_numeric(scores.value, errors="coerce")
     scores = scores.assign(value=value)
-    labels = [c for c in ("base", "size", "quality", "replicate", "parameters") if c in scores.columns]
     bases = scores[scores.kind == "base"]
-    table = (bases[labels].drop_duplicates("base").set_index("base")
-             .reindex(columns=[c for c in ("size", "quality", "replicate", "parameters")]))
+    # labels from the base's own rows (a missing replicate column: one replicate)
+    table = (bases.drop_duplicates("base").set_index("base")
+             .reindex(columns=["size", "quality", "replicate", "parameters"]))
     table["replicate"] = table.replicate.fillna(0)
 
     for role in ("held_out", "held_in"):
-        table[f"{role}_zero_shot"] = bases[bases.role == role].groupby("base").value.mean()
+        mean = bases[bases.role == role].groupby("base").value.mean()
+        table[f"{role}_zero_shot"] = mean.reindex(table.index)
 
     # each expert's score on its own task minus its base's
     experts = scores[scores.kind == "expert"]
-    experts = experts[experts.task == experts["expert_task"]] if "expert_task" in experts else experts.iloc[:0]
+    experts = (experts[experts.task == experts["expert_task"]] if "expert_task" in experts
+               else experts.iloc[:0])
     gains = experts.merge(bases[["base", "task", "value"]], on=["base", "task"],
                           suffixes=("", "_base"))
     gain = (gains.value - gains.value_base).groupby(gains.base)
-    table["expert_gain_mean"], table["expert_gain_min"] = gain.mean(), gain.min()
-    table["experts"] = gain.size()
+    table["expert_gain_mean"] = gain.mean().reindex(table.index)
+    table["expert_gain_min"] = gain.min().reindex(table.index)
 
     if task_vectors is not None:
         from mergescale.merge.task_vectors import stats_rows
 
         stats = pd.DataFrame([row for base, record in task_vectors.items()
                               for row in stats_rows(base, record)]).set_index("base")
-        table["relative_norm"], table["cosine"] = stats.relative_norm_mean, stats.cosine_mean
+        table["relative_norm"] = stats.relative_norm_mean.reindex(table.index)
+        table["cosine"] = stats.cosine_mean.reindex(table.index)
 
     # the multitask reference on the held-in tasks it trained on: the one model on all
     # held-in tasks where the base has it, else the mean over its per-subset models
@@ -129,7 +132,7 @@ def per_base(scores: pd.DataFrame, normalized: pd.DataFrame,
         has_all = multi.groupby("base").combo.transform(lambda c: (c == ALL_HELD_IN).any())
         multi = multi[~has_all.astype(bool) | (multi.combo == ALL_HELD_IN)]
     table["multitask_held_in"] = _mean_over_models(
-        multi, "combo" if "combo" in multi.columns else "kind")
+        multi, "combo" if "combo" in multi.columns else "kind").reindex(table.index)
 
     # at k = 2, each of the paper's four: mean over subsets; the best method per base
     merged = merged_rows(normalized)
@@ -137,7 +140,7 @@ def per_base(scores: pd.DataFrame, normalized: pd.DataFrame,
     column = metric_column(normalized, "held_in")
     per_method = merged.assign(v=pd.to_numeric(merged[column], errors="coerce")).groupby(
         ["base", "method"]).v.mean()
-    table["k2_best_of_four"] = per_method.groupby(level="base").max()
+    table["k2_best_of_four"] = per_method.groupby(level="base").max().reindex(table.index)
     return table.reset_index()
 
 
@@ -217,7 +220,10 @@ def world_lines(results_dir, normalized: pd.DataFrame, thresholds: Thresholds = 
         return [f"No `{scores_path.name}` in `{results_dir}/tables/`: the bases and experts "
                 "of this run are not described.", ""]
     task_vectors = read_task_vectors(results_dir / "tables" / "task_vectors")
-    table = world_table(per_base(read_scores(scores_path), normalized, task_vectors), thresholds)
+    bases = per_base(read_scores(scores_path), normalized, task_vectors)
+    if bases.empty:
+        return [f"`{scores_path}` has no base model's scores: the world is not described.", ""]
+    table = world_table(bases, thresholds)
     shown = [m for m in MEASURES if m in table.columns]
     page = pd.DataFrame({"size": table["size"], "quality": table.quality, "n": table.n,
                          **{MEASURES[m]: [_cell(r, m) for _, r in table.iterrows()] for m in shown},
