@@ -133,3 +133,67 @@ def simulate_normalized(rng: np.random.Generator, truth: Truth = Truth(), replic
         rows["held_out_normalized"] = rows.held_out_ratio_of_sums
         references.append(rows)
     return pd.concat([*references, merged], ignore_index=True)
+
+
+# The simulated world behind the scores (tables/scores.csv), with known truth per base
+# checkpoint (size, quality index q, replicate r), task j:
+#   base zero-shot, held-out task j: WORLD_LEVEL + QUALITY_GAP[size] * q + 0.01 r + HELD_OUT_OFFSETS[j]
+#   base zero-shot, held-in task j:  0.05 + 0.02 j                          (mean 0.10)
+#   expert j on its own task:        base + LEAST_GAIN[size] + 0.1 j + 0.005 r
+#   expert j on another task:        the base's score
+#   multitask (all held-in tasks):   0.9 - 0.01 r on every held-in task, base - 0.05 held-out
+#   task vectors (task_vectors/<base>.json): relative norm 0.08 + 0.01 j + 0.001 r, every
+#   pairwise cosine 0.2 + 0.01 r
+HELD_IN = ("first_letter", "last_letter", "reverse_word", "next_letter", "larger_number", "smaller_number")
+HELD_OUT = ("second_letter", "min_digit", "word_length")
+HELD_OUT_OFFSETS = (-0.02, 0.0, 0.02)
+WORLD_LEVEL = 0.14
+QUALITY_GAP = {"s": 0.1, "m": 0.04, "l": 0.0}
+LEAST_GAIN = {"s": 0.25, "m": 0.35, "l": 0.45}
+
+
+def _checkpoints(sizes: tuple, replicates: int):
+    for size, parameters in zip(SIZES, PARAMETERS):
+        if size in sizes:
+            for q, quality in enumerate(QUALITIES):
+                for r in range(replicates):
+                    yield f"tiny-{size}-{quality}-r{r}", size, quality, q, r, parameters
+
+
+def simulate_scores(replicates: int = 3, sizes: tuple = SIZES) -> pd.DataFrame:
+    """scores.csv of the bases, experts and multitask references of simulate_normalized's
+    checkpoints (the same base names), by the formulas above; exact match on test."""
+    rows = []
+    for base, size, quality, q, r, parameters in _checkpoints(sizes, replicates):
+        labels = {"base": base, "size": size, "quality": quality, "replicate": r,
+                  "parameters": parameters, "split": "test", "metric": "exact_match", "n": 200}
+        zero_shot = {t: 0.05 + 0.02 * j for j, t in enumerate(HELD_IN)}
+        zero_shot |= {t: WORLD_LEVEL + QUALITY_GAP[size] * q + 0.01 * r + HELD_OUT_OFFSETS[j]
+                      for j, t in enumerate(HELD_OUT)}
+        role = {t: "held_in" for t in HELD_IN} | {t: "held_out" for t in HELD_OUT}
+
+        def model(kind, method, value, trained=(), **extra):
+            rows.extend({**labels, "kind": kind, "method": method, "task": t, "role": role[t],
+                         "trained_on": t in trained, "value": value(t), **extra} for t in role)
+
+        model("base", "base", zero_shot.get, model=f"bases/{base}")
+        for j, task in enumerate(HELD_IN):
+            gain = LEAST_GAIN[size] + 0.1 * j + 0.005 * r
+            model("expert", "expert", lambda t: zero_shot[t] + gain * (t == task), trained=(task,),
+                  expert_task=task, model=f"experts/{base}/{task}")
+        model("multitask", "multitask", lambda t: 0.9 - 0.01 * r if t in HELD_IN else zero_shot[t] - 0.05,
+              trained=HELD_IN, combo="all", model=f"multitask/{base}/all")
+    return pd.DataFrame(rows)
+
+
+def simulate_task_vectors(replicates: int = 3, sizes: tuple = SIZES) -> dict[str, dict]:
+    """{base: the compute_task_vector_stats record} by the formulas above."""
+    out = {}
+    for base, *_, r, _ in _checkpoints(sizes, replicates):
+        out[base] = {
+            "base_norm": 30.0,
+            "experts": {t: {"norm": 30.0 * (0.08 + 0.01 * j + 0.001 * r),
+                            "relative_norm": 0.08 + 0.01 * j + 0.001 * r} for j, t in enumerate(HELD_IN)},
+            "cosine": {f"{a}|{b}": 0.2 + 0.01 * r for i, a in enumerate(HELD_IN) for b in HELD_IN[i + 1:]},
+        }
+    return out

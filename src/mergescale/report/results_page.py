@@ -6,6 +6,9 @@ reads the run's `tables/normalized.csv` and `run.json` (written by `make run` an
 study`, see `mergescale.report.run_record`), and writes one markdown page:
 
     the run         date, commit, machine (cores, CPU, RAM), wall time per step, the grid
+    the world       per size and base quality: base zero-shot, expert gains, task vectors,
+                    the multitask reference, k = 2 best of four, checked against the tiny
+                    world's thresholds (`mergescale.report.world`; reads `tables/scores.csv`)
     the claims      the five claims of Yadav et al. (2024): verdict, and per comparison the
                     estimate and interval (the findings code's JSON records)
     figures         the main figures (`mergescale.report.plots`) as small PNGs beside the page
@@ -33,6 +36,7 @@ from mergescale.report.plots import (
     plot_merged_vs_multitask, plot_normalized_vs_k, plot_other_methods)
 from mergescale.report.replicates import over_replicates
 from mergescale.report.run_record import parse_time, read_record
+from mergescale.report.world import world_lines
 
 TABLE_METRICS = {"held_in": "held-in ÷ expert", "held_out": "held-out ÷ base",
                  "held_in_vs_multitask": "held-in ÷ multitask",
@@ -70,6 +74,7 @@ def render_results_page(results_dir, out, figures_dir=None, methods_dir=None,
         "tested: [findings.md](findings.md).", "",
         "## The run", "", *_run_lines(run, table_path), "",
         "What the grid can and cannot test:", "", *grid_text(study), *(f"- {n}" for n in study.notes), "",
+        "## The world", "", *world_lines(results_dir, normalized),
         "## The five claims", "", *_claim_lines(records, claims), "",
         "## Figures", "", *_figure_lines(figures, out, lambda f: f.file.stem != "other_methods"),
         "## Merge methods", "", *_method_lines(normalized, methods_table, methods_dir),
