@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 
-from mergescale.merge import ops
+from mergescale.merge import gta_kernel, ops
 from mergescale.merge.errors import MergeInputError
 from mergescale.merge.registry import Hyperparameter, register_method
 
@@ -265,10 +265,15 @@ def gta_blocks(
     sources = [ops.as_source(base)] + [ops.as_source(x) for x in experts]
     shape, n = sources[0].shape, sources[0].numel
     sparsifiers = [_Sparsifier(sparsifier, p, params.get("rescale", False), n, generator) for p in expert_params]
+    threads = torch.get_num_threads()
+    device = sources[0].flat.device if getattr(sources[0], "in_memory", False) else torch.device("cpu")
+    if gta_kernel.compiled_merge_applies(sparsifiers, consensus, sources, device):
+        weights = [p["weight"] for p in expert_params]
+        yield from gta_kernel.merge_ranges(sources, sparsifiers, weights, params, consensus, threads, out)
+        return
     randomised = any(sp.kind in ("random", "della") for sp in sparsifiers)
     # DELLA ranks within rows, so its blocks hold whole rows; 1-D tensors are one row.
     row = (shape[-1] if len(shape) >= 2 else n) if sparsifier == "della" else 1
-    threads = torch.get_num_threads()
     blocks = _Blocks(sources, n, BLOCK_ELEMENTS, threads)
     if randomised or blocks.device.type != "cpu":
         # draws follow the block order (one worker, blocks of whole rows); a GPU wants

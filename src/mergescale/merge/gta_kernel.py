@@ -1,0 +1,449 @@
+"""Compiled (numba) form of the non-random task-arithmetic merges: TIES, breadcrumbs
+(with and without TIES), task arithmetic.
+
+The torch form (mergescale.merge.methods.task_arithmetic) spends most of its time
+dispatching ~25 small operations per block and expert; here each step is one loop
+over a block, compiled. Results are bit-identical to the torch form: every float32
+operation is the one torch does, in the same order (torch.add with alpha is a fused
+multiply-add, and so is the last step here), and zeros keep the signs torch gives
+them (hardshrink writes +0, relu keeps -0, sign(+-0) is +0).
+
+bfloat16 inputs are read as their 16 bits and widened in the loops (bits << 16), so
+no float32 copy of an input is made; float32 inputs are read as they are; any other
+float dtype is converted to float32 a read range at a time.
+
+Each magnitude cut (the top k of |tau| with ties at the threshold going to the lowest
+flat indices, as mergescale.merge.ops.Cut) is found in linear time, by a radix select
+over |tau|'s float32 bits (for non-negative floats integer order is numeric order):
+a histogram of the high 16 bits finds the bucket holding the k-th largest value, a
+histogram of the low 16 bits of that bucket's members the value itself, and, when
+only some entries equal to it are kept, a count of those entries finds the flat index
+where they stop being kept.
+
+`compiled_merge_applies` is the one place that decides between this and torch.
+Compiled code is cached (numba's cache=True: next to this file, or in the user's
+cache directory when that is read-only); MERGESCALE_MERGE_KERNEL=torch turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+
+log = logging.getLogger("mergescale.merge")
+
+try:  # numba is a dependency, but the torch form works without it
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+# Elements per read range: each input's range stays small beside the tensor (a
+# tensor on disk is read this many elements at a time; a range of a float16 input
+# is converted to float32 whole).
+READ_ELEMENTS = 1 << 22
+# Elements per block inside a read range: a block's task vectors (one per expert)
+# stay in a core's L1/L2 cache across the steps of the merge.
+BLOCK = 2048
+_HIGH = 1 << 15  # buckets of |tau|'s high 16 bits (the sign bit is 0)
+_LOW = 1 << 16
+
+# sparsifier kinds of one expert, as the kernel knows them
+NONE, MAGNITUDE, OUTLIERS = 0, 1, 2
+
+
+def available() -> bool:
+    """Whether the compiled form can run (numba imports and it is not turned off)."""
+    return numba is not None and os.environ.get("MERGESCALE_MERGE_KERNEL", "numba") != "torch"
+
+
+def compiled_merge_applies(sparsifiers, consensus: str | None, sources, device: torch.device) -> bool:
+    """The one decision: the compiled form runs when numba is there, every expert's
+    sparsifier is deterministic (none, magnitude, outlier band), the consensus is
+    none or "sum", and the inputs are float tensors on the CPU."""
+    if not available() or device.type != "cpu":
+        return False
+    if consensus not in (None, "sum"):
+        return False
+    if any(sp.kind not in (None, "magnitude", "outliers") for sp in sparsifiers):
+        return False
+    return all(src.dtype.is_floating_point and src.dtype != torch.float64 for src in sources)
+
+
+if numba is not None:
+    def _jit(**options):
+        """numba.njit with a compiled-code cache where one can be written, else without."""
+        def wrap(fn):
+            try:
+                return numba.njit(cache=True, nogil=True, **options)(fn)
+            except RuntimeError as e:  # no writable cache location
+                log.debug("numba cache unavailable for %s: %s", fn.__name__, e)
+                return numba.njit(nogil=True, **options)(fn)
+        return wrap
+
+    @intrinsic
+    def _f32_of_bits(typingctx, bits):
+        """The float32 whose bit pattern is the low 32 bits of an integer."""
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            v, i32 = args[0], ir.IntType(32)
+            if bits.bitwidth > 32:
+                v = builder.trunc(v, i32)
+            elif bits.bitwidth < 32:
+                v = builder.zext(v, i32)
+            return builder.bitcast(v, ir.FloatType())
+        return types.float32(bits), codegen
+
+    @intrinsic
+    def _bits_of_f32(typingctx, x):
+        """The bit pattern of a float32, as uint32."""
+        if x != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return types.uint32(x), codegen
+
+    @intrinsic
+    def _fma(typingctx, a, b, c):
+        """a * b + c rounded once (torch.add(c, a, alpha=b) on the CPU)."""
+        if not (a == b == c == types.float32):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+        return types.float32(a, b, c), codegen
+
+    @intrinsic
+    def _widen(typingctx, v):
+        """An input element as float32: bfloat16 (read as uint16) shifted into the high
+        bits of a float32, float32 as it is."""
+        if v == types.uint16:
+            def codegen(context, builder, signature, args):
+                x = builder.zext(args[0], ir.IntType(32))
+                return builder.bitcast(builder.shl(x, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+            return types.float32(v), codegen
+        if v == types.float32:
+            def codegen(context, builder, signature, args):
+                return args[0]
+            return types.float32(v), codegen
+        return None
+
+    @_jit()
+    def _magnitude_bits(x, b):
+        """|x - b| (float32, as torch's sub then abs) as its bit pattern."""
+        return _bits_of_f32(_widen(x) - _widen(b)) & np.uint32(0x7FFFFFFF)
+
+    @_jit(parallel=True)
+    def _high_histogram(base, x, bounds, hist):
+        """hist[lane, h] += entries of lane's range whose |tau| has high 16 bits h."""
+        for lane in numba.prange(len(bounds) - 1):
+            h = hist[lane]
+            for j in range(bounds[lane], bounds[lane + 1]):
+                h[_magnitude_bits(x[j], base[j]) >> np.uint32(16)] += 1
+
+    @_jit(parallel=True)
+    def _low_histogram(base, x, bounds, buckets, low):
+        """low[lane, c, l] += entries whose |tau| has high bits buckets[c], low bits l."""
+        for lane in numba.prange(len(bounds) - 1):
+            for j in range(bounds[lane], bounds[lane + 1]):
+                bits = _magnitude_bits(x[j], base[j])
+                high = bits >> np.uint32(16)
+                for c in range(len(buckets)):
+                    if high == buckets[c]:
+                        low[lane, c, bits & np.uint32(0xFFFF)] += 1
+
+    @_jit(parallel=True)
+    def _count_equal(base, x, bounds, target, counts):
+        """counts[lane] = entries of lane's range whose |tau| has bit pattern `target`."""
+        for lane in numba.prange(len(bounds) - 1):
+            c = 0
+            for j in range(bounds[lane], bounds[lane + 1]):
+                c += _magnitude_bits(x[j], base[j]) == target
+            counts[lane] = c
+
+    @_jit()
+    def _nth_equal(base, x, s0, e0, target, nth):
+        """Index of the nth (1-based) entry in [s0, e0) whose |tau| has bits `target`."""
+        seen = 0
+        for j in range(s0, e0):
+            if _magnitude_bits(x[j], base[j]) == target:
+                seen += 1
+                if seen == nth:
+                    return j
+        return -1
+
+    @_jit()
+    def _trim(t, threshold):
+        """torch.hardshrink: +0 where -threshold <= t <= threshold, else t."""
+        if -threshold <= t and t <= threshold:
+            return np.float32(0.0)
+        return t
+
+    @_jit(parallel=True)
+    def _merge(base, experts, start, bounds, kinds, high, low, cutoff, rescale, weights,
+               consensus, normalize, equal_weights, total, lam, out):
+        """out[j] = the merged entry j of this read range (flat offset `start`).
+
+        Per expert i: kinds[i] (NONE, MAGNITUDE: trim by cut 0, OUTLIERS: trim by cut 0
+        minus trim by cut 1); a cut c keeps |tau| > high[i, c], and |tau| >= it (that is,
+        > low[i, c]) below the flat index cutoff[i, c]; rescale[i] divides (1: none),
+        weights[i] multiplies. The steps and their order are those of the torch form."""
+        k = len(experts)
+        one, zero = np.float32(1.0), np.float32(0.0)
+        for lane in numba.prange(len(bounds) - 1):
+            d = np.empty((k, BLOCK), dtype=np.float32)
+            votes = np.empty(BLOCK, dtype=np.float32)
+            elected = np.empty(BLOCK, dtype=np.float32)
+            mixed = np.empty(BLOCK, dtype=np.float32)
+            count = np.empty(BLOCK, dtype=np.float32)
+            for s in range(bounds[lane], bounds[lane + 1], BLOCK):
+                m = min(BLOCK, bounds[lane + 1] - s)
+                g = start + s  # flat index of the block's first entry
+                for i in range(k):
+                    x, di, kind = experts[i], d[i], kinds[i]
+                    if kind == NONE:
+                        for j in range(m):
+                            di[j] = _widen(x[s + j]) - _widen(base[s + j])
+                    elif kind == MAGNITUDE:
+                        c = min(max(cutoff[i, 0] - g, 0), m)
+                        t_low, t_high = low[i, 0], high[i, 0]
+                        for j in range(c):
+                            di[j] = _trim(_widen(x[s + j]) - _widen(base[s + j]), t_low)
+                        for j in range(c, m):
+                            di[j] = _trim(_widen(x[s + j]) - _widen(base[s + j]), t_high)
+                    else:
+                        c0, c1 = cutoff[i, 0] - g, cutoff[i, 1] - g
+                        for j in range(m):
+                            t = _widen(x[s + j]) - _widen(base[s + j])
+                            kept = _trim(t, low[i, 0] if j < c0 else high[i, 0])
+                            di[j] = kept - _trim(t, low[i, 1] if j < c1 else high[i, 1])
+                    if rescale[i] != one:
+                        for j in range(m):
+                            di[j] = di[j] / rescale[i]
+                    if weights[i] != one:
+                        for j in range(m):
+                            di[j] = di[j] * weights[i]
+                    if i == 0:
+                        for j in range(m):
+                            votes[j] = di[j]
+                    else:
+                        for j in range(m):
+                            votes[j] = votes[j] + di[j]
+                mix = votes
+                if consensus:
+                    for j in range(m):  # copysign(1, votes)
+                        elected[j] = _f32_of_bits((_bits_of_f32(votes[j]) & np.uint32(0x80000000))
+                                                  | np.uint32(0x3F800000))
+                    for i in range(k):
+                        di, w = d[i], weights[i]
+                        for j in range(m):
+                            r = di[j] * elected[j]
+                            if r < zero:  # relu (keeps -0)
+                                r = zero
+                            sign = one if r > zero else zero
+                            if not equal_weights:
+                                sign = sign * w
+                            if i == 0:
+                                mixed[j] = r
+                                count[j] = sign
+                            else:
+                                mixed[j] = mixed[j] + r
+                                count[j] = count[j] + sign
+                    for j in range(m):
+                        mixed[j] = mixed[j] * elected[j]
+                    if normalize:
+                        for j in range(m):
+                            divisor = count[j]
+                            if equal_weights:  # counted the contributors; none: divide by 1
+                                sign = one if divisor > zero else (-one if divisor < zero else zero)
+                                divisor = divisor * weights[0] + (-sign + one)
+                            elif divisor == zero:
+                                divisor = divisor + one
+                            else:
+                                divisor = divisor + zero
+                            mixed[j] = mixed[j] / divisor
+                    mix = mixed
+                elif normalize:
+                    for j in range(m):
+                        votes[j] = votes[j] / total
+                for j in range(m):
+                    out[s + j] = _fma(mix[j], lam, _widen(base[s + j]))
+
+
+# -- the driver ----------------------------------------------------------------------
+def _as_array(t: torch.Tensor, widen: bool) -> np.ndarray:
+    """A flat CPU tensor as numpy without a copy: bfloat16 as its bits (uint16), float32
+    as is; other floats (or any input when `widen`) converted to float32."""
+    if not widen and t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.to(torch.float32).numpy()
+
+
+class _Ranges:
+    """The inputs (base first) read range by range, as numpy arrays of one dtype."""
+
+    def __init__(self, sources, threads: int):
+        self.sources, self.n = sources, sources[0].numel
+        dtypes = {s.dtype for s in sources}
+        # bfloat16 is read as bits only when every input is bfloat16 (one kernel per dtype)
+        self.widen = dtypes != {torch.bfloat16}
+        self.threads = threads
+
+    def ranges(self):
+        for s in range(0, self.n, READ_ELEMENTS):
+            yield s, min(s + READ_ELEMENTS, self.n)
+
+    def read(self, s: int, e: int, which=None) -> list[np.ndarray]:
+        which = range(len(self.sources)) if which is None else which
+        return [_as_array(self.sources[i].read(s, e).reshape(-1), self.widen) for i in which]
+
+    def bounds(self, m: int) -> np.ndarray:
+        """Lane boundaries of a range of m entries: one contiguous lane per thread, in
+        whole blocks."""
+        blocks = -(-m // BLOCK)
+        per = -(-blocks // self.threads)
+        edges = [min(i * per * BLOCK, m) for i in range(self.threads + 1)]
+        return np.asarray(sorted(set(edges)), dtype=np.int64)
+
+
+def _top_of(hist: np.ndarray, k: int) -> tuple[int, int, int]:
+    """In a histogram over ordered bins, the bin holding the k-th largest entry (k >= 1):
+    (bin, entries in higher bins, entries in it); as mergescale.merge.ops._top_of."""
+    from_top = np.cumsum(hist[::-1])
+    j = int(np.searchsorted(from_top, k))
+    above = int(from_top[j - 1]) if j > 0 else 0
+    b = hist.size - 1 - j
+    return b, above, int(hist[b])
+
+
+class _Cut:
+    """One expert's top-k cut as the kernel reads it: |tau| > high kept, and |tau| >=
+    high (> low) below flat index cutoff (ops.Cut's rule)."""
+
+    def __init__(self, threshold: float, cutoff: int = 0):
+        if threshold == 0:
+            cutoff = 0  # kept zeros are zeros anyway (ops.Cut.trim_ keeps |x| > 0)
+        self.high = np.float32(threshold)
+        finite = 0 < threshold < math.inf
+        self.low = np.nextafter(self.high, np.float32(-np.inf)) if finite else self.high
+        self.cutoff = cutoff
+
+
+def _find_cuts(reader: _Ranges, wants: list[tuple[int, int]]) -> list[_Cut]:
+    """The cut of the top k of |tau_i| for each (expert i, k), by radix select."""
+    n = reader.n
+    cuts: list[_Cut | None] = [_Cut(math.inf) if k <= 0 else _Cut(-math.inf) if k >= n else None
+                               for _, k in wants]
+    todo = [j for j, c in enumerate(cuts) if c is None]
+    experts = sorted({wants[j][0] for j in todo})
+    if not todo:
+        return cuts
+    lanes = reader.threads
+    # 1. high 16 bits of |tau| per expert
+    high = {i: np.zeros((lanes, _HIGH), dtype=np.int64) for i in experts}
+    for s, e in reader.ranges():
+        arrays = reader.read(s, e, [0] + [1 + i for i in experts])
+        bounds = reader.bounds(e - s)
+        for a, i in zip(arrays[1:], experts):
+            _high_histogram(arrays[0], a, bounds, high[i])
+    found = {}
+    for j in todo:
+        i, k = wants[j]
+        bucket, above, _ = _top_of(high[i].sum(axis=0), k)
+        found[j] = (bucket, above)
+    # 2. low 16 bits of the members of each cut's bucket
+    per_expert = {i: [j for j in todo if wants[j][0] == i] for i in experts}
+    low = {i: np.zeros((lanes, len(js), _LOW), dtype=np.int64) for i, js in per_expert.items()}
+    buckets = {i: np.asarray([found[j][0] for j in js], dtype=np.uint32) for i, js in per_expert.items()}
+    for s, e in reader.ranges():
+        arrays = reader.read(s, e, [0] + [1 + i for i in experts])
+        bounds = reader.bounds(e - s)
+        for a, i in zip(arrays[1:], experts):
+            _low_histogram(arrays[0], a, bounds, buckets[i], low[i])
+    partial: dict[int, tuple[int, int]] = {}  # cut -> (threshold bits, how many equal to it are kept)
+    for i, js in per_expert.items():
+        for c, j in enumerate(js):
+            bucket, above = found[j]
+            low_bits, above_low, equal = _top_of(low[i][:, c].sum(axis=0), wants[j][1] - above)
+            bits = (bucket << 16) | low_bits
+            threshold = float(np.uint32(bits).view(np.float32))
+            kept = wants[j][1] - above - above_low
+            if kept >= equal:  # every entry equal to the threshold is kept
+                cuts[j] = _Cut(threshold, n)
+            else:
+                partial[j] = (bits, kept)
+    # 3. where only some entries equal to the threshold are kept: the flat index after
+    # the last one kept (they go to the lowest indices)
+    if partial:
+        seen = {j: 0 for j in partial}
+        for s, e in reader.ranges():
+            if not seen:
+                break
+            experts_left = sorted({wants[j][0] for j in seen})
+            arrays = reader.read(s, e, [0] + [1 + i for i in experts_left])
+            x_of = dict(zip(experts_left, arrays[1:]))
+            bounds = reader.bounds(e - s)
+            counts = np.zeros(len(bounds) - 1, dtype=np.int64)
+            for j in list(seen):
+                bits, kept = partial[j]
+                x = x_of[wants[j][0]]
+                target = np.uint32(bits)
+                _count_equal(arrays[0], x, bounds, target, counts)
+                for lane, c in enumerate(counts.tolist()):
+                    if seen[j] + c >= kept:
+                        index = _nth_equal(arrays[0], x, bounds[lane], bounds[lane + 1], target, kept - seen[j])
+                        cuts[j] = _Cut(float(target.view(np.float32)), s + int(index) + 1)
+                        del seen[j]
+                        break
+                    seen[j] += c
+        if seen:  # cannot happen: the count above saw them
+            raise RuntimeError("top-k tie index not found")
+    return cuts
+
+
+def merge_ranges(sources, sparsifiers, weights: list[float], params: dict, consensus: str | None,
+                 threads: int, out: torch.Tensor | None = None):
+    """Generalised task arithmetic, compiled: yields (start, end, merged float32 piece)
+    per read range (a piece is valid until the next), or fills `out` (flat float32)
+    and yields nothing. `sparsifiers`: task_arithmetic._Sparsifier per expert."""
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    reader = _Ranges(sources, threads)
+    k = len(sources) - 1
+    wants = [(i, q) for i, sp in enumerate(sparsifiers) for q in sp.ks]
+    cuts = iter(_find_cuts(reader, wants))
+    kinds = np.zeros(k, dtype=np.int64)
+    high = np.zeros((k, 2), dtype=np.float32)
+    low = np.zeros((k, 2), dtype=np.float32)
+    cutoff = np.zeros((k, 2), dtype=np.int64)
+    rescale = np.ones(k, dtype=np.float32)
+    for i, sp in enumerate(sparsifiers):
+        kinds[i] = {None: NONE, "magnitude": MAGNITUDE, "outliers": OUTLIERS}[sp.kind]
+        for c in range(len(sp.ks)):
+            cut = next(cuts)
+            high[i, c], low[i, c], cutoff[i, c] = cut.high, cut.low, cut.cutoff
+        if sp.kind is not None and sp.rescale:
+            rescale[i] = sp.density
+    w = np.asarray(weights, dtype=np.float32)
+    total = sum(weights)
+    total = np.float32(total if abs(total) >= 1e-8 else 1.0)
+    args = (kinds, high, low, cutoff, rescale, w, consensus is not None, bool(params["normalize"]),
+            len(set(weights)) == 1, total, np.float32(params["lambda"]))
+    piece = None if out is not None else np.empty(min(READ_ELEMENTS, reader.n), dtype=np.float32)
+    target = out.numpy() if out is not None else None
+    for s, e in reader.ranges():
+        arrays = reader.read(s, e)
+        experts = numba.typed.List(arrays[1:])
+        dest = target[s:e] if target is not None else piece[: e - s]
+        _merge(arrays[0], experts, s, reader.bounds(e - s), *args, dest)
+        if target is None:
+            yield s, e, torch.from_numpy(dest)

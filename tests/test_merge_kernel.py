@@ -1,0 +1,139 @@
+"""The compiled task-arithmetic kernel (mergescale.merge.gta_kernel) against the torch
+form it replaces: the same merged tensors, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergescale.merge import get_method, gta_kernel, validate_params
+from mergescale.merge.methods import task_arithmetic
+from mergescale.merge.ops import TensorSource
+
+pytestmark = pytest.mark.skipif(gta_kernel.numba is None, reason="numba is not installed")
+
+
+def merge(method, base, experts, form, monkeypatch, threads=2, expert_params=None, **params):
+    """The merged float32 tensor from `form` ("numba" or "torch")."""
+    monkeypatch.setenv("MERGESCALE_MERGE_KERNEL", form)
+    m = get_method(method)
+    resolved = validate_params(m, params, expert_params, n_experts=len(experts))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return m.function(base, experts, resolved.expert_params, resolved.params, None, "w")
+    finally:
+        torch.set_num_threads(old)
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (signed zeros included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def task_vectors(n, k, dtype, seed, ties=False, zero_expert=False, negative_zeros=False):
+    g = torch.Generator().manual_seed(seed)
+    base = 0.02 * torch.randn(n, generator=g)
+    experts = [base + 0.002 * torch.randn(n, generator=g) for _ in range(k)]
+    if ties:  # few distinct magnitudes: many entries share the threshold exactly
+        experts = [base + 0.001 * torch.randint(-3, 4, (n,), generator=g).float() for _ in range(k)]
+    if zero_expert:
+        experts[0] = base.clone()
+    if negative_zeros:  # -0 in the base and in a task vector (-0 - +0)
+        base[::7] = -0.0
+        base[3::11] = 0.0
+        experts[-1][3::11] = -0.0
+    return base.to(dtype), [e.to(dtype) for e in experts]
+
+
+CASES = [
+    # (elements, experts, dtype, magnitude ties)
+    (1, 2, torch.bfloat16, False),
+    (4099, 3, torch.bfloat16, False),
+    (4099, 3, torch.bfloat16, True),
+    (70001, 4, torch.float32, False),
+    (70001, 2, torch.float32, True),
+    (70001, 4, torch.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("n,k,dtype,ties", CASES)
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+def test_ties_kernel_equals_torch_form(n, k, dtype, ties, density, monkeypatch):
+    base, experts = task_vectors(n, k, dtype, seed=n + k, ties=ties)
+    ours = merge("ties", base, experts, "numba", monkeypatch, density=density)
+    ref = merge("ties", base, experts, "torch", monkeypatch, density=density)
+    assert identical(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ties_kernel_zero_task_vectors_and_signed_zeros(dtype, monkeypatch):
+    base, experts = task_vectors(9000, 3, dtype, seed=3, zero_expert=True, negative_zeros=True)
+    for density in (0.1, 0.5, 1.0):
+        ours = merge("ties", base, experts, "numba", monkeypatch, density=density)
+        assert identical(ours, merge("ties", base, experts, "torch", monkeypatch, density=density))
+    same = [base.clone(), base.clone()]  # every task vector zero: the base comes back
+    assert identical(merge("ties", base, same, "numba", monkeypatch, density=0.2),
+                     merge("ties", base, same, "torch", monkeypatch, density=0.2))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_result_does_not_depend_on_threads(threads, monkeypatch):
+    base, experts = task_vectors(50001, 3, torch.bfloat16, seed=5, ties=True)
+    ours = merge("ties", base, experts, "numba", monkeypatch, threads=threads, density=0.3)
+    assert identical(ours, merge("ties", base, experts, "torch", monkeypatch, density=0.3))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"lambda": 0.7}),
+    ("task_arithmetic", {"normalize": True}),
+    ("ties", {"lambda": 0.7, "rescale": True}),
+    ("breadcrumbs", {"density": 0.3, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01, "lambda": 1.3}),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_other_methods_and_uneven_weights(method, params, dtype, monkeypatch):
+    base, experts = task_vectors(33333, 3, dtype, seed=7, ties=True, negative_zeros=True)
+    expert_params = [{"weight": 0.3}, {"weight": 1.0}, {"weight": 0.55}]
+    if "density" not in params and method == "ties":
+        expert_params = [{**p, "density": d} for p, d in zip(expert_params, (0.1, 0.5, 1.0))]
+    for ep in (expert_params, None):  # uneven weights, then the defaults (equal)
+        ours = merge(method, base, experts, "numba", monkeypatch, expert_params=ep, **params)
+        assert identical(ours, merge(method, base, experts, "torch", monkeypatch, expert_params=ep, **params))
+
+
+def test_float16_and_mixed_dtypes_go_through_float32(monkeypatch):
+    base, experts = task_vectors(10007, 2, torch.float16, seed=11, ties=True)
+    assert identical(merge("ties", base, experts, "numba", monkeypatch, density=0.2),
+                     merge("ties", base, experts, "torch", monkeypatch, density=0.2))
+    mixed = [experts[0].to(torch.bfloat16), experts[1].float()]
+    assert identical(merge("ties", base.float(), mixed, "numba", monkeypatch, density=0.2),
+                     merge("ties", base.float(), mixed, "torch", monkeypatch, density=0.2))
+
+
+def test_streamed_pieces_equal_the_whole(monkeypatch):
+    """Read by ranges (as a tensor on disk is), with ranges smaller than the tensor."""
+    monkeypatch.setattr(gta_kernel, "READ_ELEMENTS", 4096)
+    base, experts = task_vectors(20000, 3, torch.bfloat16, seed=13, ties=True)
+    m = get_method("ties")
+    resolved = validate_params(m, {"density": 0.2}, None, n_experts=3)
+    monkeypatch.setenv("MERGESCALE_MERGE_KERNEL", "numba")
+    sources = [TensorSource(t) for t in [base, *experts]]
+    pieces = [p.clone() for _, _, p in m.blocks(sources[0], sources[1:], resolved.expert_params, resolved.params,
+                                                 None, "w")]
+    whole = merge("ties", base, experts, "torch", monkeypatch, density=0.2)
+    assert identical(torch.cat(pieces), whole)
+
+
+def test_the_decision(monkeypatch):
+    monkeypatch.delenv("MERGESCALE_MERGE_KERNEL", raising=False)
+    sp = lambda kind: task_arithmetic._Sparsifier(kind, {"density": 0.5, "gamma": 0.01, "epsilon": 0.1},  # noqa: E731
+                                                  False, 10, None)
+    src = [TensorSource(torch.zeros(10, dtype=torch.bfloat16))]
+    cpu = torch.device("cpu")
+    assert gta_kernel.compiled_merge_applies([sp("magnitude"), sp("outliers"), sp(None)], "sum", src, cpu)
+    assert not gta_kernel.compiled_merge_applies([sp("random")], "sum", src, cpu)  # draws stay torch's
+    assert not gta_kernel.compiled_merge_applies([sp("magnitude")], "count", src, cpu)
+    assert not gta_kernel.compiled_merge_applies([sp("magnitude")], "sum", src, torch.device("meta"))
+    monkeypatch.setenv("MERGESCALE_MERGE_KERNEL", "torch")
+    assert not gta_kernel.compiled_merge_applies([sp("magnitude")], "sum", src, cpu)
