@@ -34,6 +34,8 @@ import os
 import numpy as np
 import torch
 
+from mergescale.merge import ops
+
 log = logging.getLogger("mergescale.merge")
 
 try:  # numba is a dependency, but the torch form works without it
@@ -146,16 +148,17 @@ if numba is not None:
     def _high_histogram(base, x, bounds, hist):
         """hist[lane, h] += entries of lane's range whose |tau| has high 16 bits h."""
         for lane in numba.prange(len(bounds) - 1):
-            h = hist[lane]
-            for j in range(bounds[lane], bounds[lane + 1]):
-                h[_magnitude_bits(x[j], base[j]) >> np.uint32(16)] += 1
+            h, xl, bl = hist[lane], x[bounds[lane]:bounds[lane + 1]], base[bounds[lane]:bounds[lane + 1]]
+            for j in range(len(xl)):  # (indices from 0 up: no negative-index handling)
+                h[_magnitude_bits(xl[j], bl[j]) >> np.uint32(16)] += 1
 
     @_jit(parallel=True)
     def _low_histogram(base, x, bounds, buckets, low):
         """low[lane, c, l] += entries whose |tau| has high bits buckets[c], low bits l."""
         for lane in numba.prange(len(bounds) - 1):
-            for j in range(bounds[lane], bounds[lane + 1]):
-                bits = _magnitude_bits(x[j], base[j])
+            xl, bl = x[bounds[lane]:bounds[lane + 1]], base[bounds[lane]:bounds[lane + 1]]
+            for j in range(len(xl)):
+                bits = _magnitude_bits(xl[j], bl[j])
                 high = bits >> np.uint32(16)
                 for c in range(len(buckets)):
                     if high == buckets[c]:
@@ -166,20 +169,52 @@ if numba is not None:
         """counts[lane] = entries of lane's range whose |tau| has bit pattern `target`."""
         for lane in numba.prange(len(bounds) - 1):
             c = 0
-            for j in range(bounds[lane], bounds[lane + 1]):
-                c += _magnitude_bits(x[j], base[j]) == target
+            xl, bl = x[bounds[lane]:bounds[lane + 1]], base[bounds[lane]:bounds[lane + 1]]
+            for j in range(len(xl)):
+                c += _magnitude_bits(xl[j], bl[j]) == target
             counts[lane] = c
 
     @_jit()
     def _nth_equal(base, x, s0, e0, target, nth):
         """Index of the nth (1-based) entry in [s0, e0) whose |tau| has bits `target`."""
         seen = 0
-        for j in range(s0, e0):
-            if _magnitude_bits(x[j], base[j]) == target:
+        xl, bl = x[s0:e0], base[s0:e0]
+        for j in range(len(xl)):
+            if _magnitude_bits(xl[j], bl[j]) == target:
                 seen += 1
                 if seen == nth:
-                    return j
+                    return s0 + j
         return -1
+
+    @_jit(parallel=True)
+    def _band(base, x, bounds, low, high, above, count, band_bits, band_index):
+        """Per lane: above[lane] = entries with |tau| bits > high; count[lane] entries
+        with bits in [low, high], stored with their indices in flat order (count[lane]
+        > band_bits.shape[1]: they did not fit)."""
+        room = band_bits.shape[1]
+        width = high - low
+        for lane in numba.prange(len(bounds) - 1):
+            bits = np.empty(BLOCK, dtype=np.uint32)
+            a, c = 0, 0
+            for s in range(bounds[lane], bounds[lane + 1], BLOCK):
+                m = min(BLOCK, bounds[lane + 1] - s)
+                xb, bb = x[s:s + m], base[s:s + m]
+                inside = 0
+                for j in range(m):  # vectorised: counts only
+                    b = _magnitude_bits(xb[j], bb[j])
+                    bits[j] = b
+                    a += b > high
+                    inside += np.uint32(b - low) <= width  # low <= b <= high (unsigned wrap-around)
+                if inside == 0:
+                    continue
+                if c + m >= room:  # full: the caller finds this cut another way
+                    c = room + 1
+                    continue
+                for j in range(m):  # branch-free compaction: written always, kept when inside
+                    band_bits[lane, c] = bits[j]
+                    band_index[lane, c] = s + j
+                    c += np.uint32(bits[j] - low) <= width
+            above[lane], count[lane] = a, c
 
     @_jit()
     def _trim(t, threshold):
@@ -208,22 +243,23 @@ if numba is not None:
             for s in range(bounds[lane], bounds[lane + 1], BLOCK):
                 m = min(BLOCK, bounds[lane + 1] - s)
                 g = start + s  # flat index of the block's first entry
+                bb = base[s:s + m]  # (blocks are indexed from 0 up: no negative-index handling)
                 for i in range(k):
-                    x, di, kind = experts[i], d[i], kinds[i]
+                    x, di, kind = experts[i][s:s + m], d[i], kinds[i]
                     if kind == NONE:
                         for j in range(m):
-                            di[j] = _widen(x[s + j]) - _widen(base[s + j])
+                            di[j] = _widen(x[j]) - _widen(bb[j])
                     elif kind == MAGNITUDE:
                         c = min(max(cutoff[i, 0] - g, 0), m)
                         t_low, t_high = low[i, 0], high[i, 0]
                         for j in range(c):
-                            di[j] = _trim(_widen(x[s + j]) - _widen(base[s + j]), t_low)
+                            di[j] = _trim(_widen(x[j]) - _widen(bb[j]), t_low)
                         for j in range(c, m):
-                            di[j] = _trim(_widen(x[s + j]) - _widen(base[s + j]), t_high)
+                            di[j] = _trim(_widen(x[j]) - _widen(bb[j]), t_high)
                     else:
                         c0, c1 = cutoff[i, 0] - g, cutoff[i, 1] - g
                         for j in range(m):
-                            t = _widen(x[s + j]) - _widen(base[s + j])
+                            t = _widen(x[j]) - _widen(bb[j])
                             kept = _trim(t, low[i, 0] if j < c0 else high[i, 0])
                             di[j] = kept - _trim(t, low[i, 1] if j < c1 else high[i, 1])
                     if rescale[i] != one:
@@ -275,8 +311,9 @@ if numba is not None:
                 elif normalize:
                     for j in range(m):
                         votes[j] = votes[j] / total
+                ob = out[s:s + m]
                 for j in range(m):
-                    out[s + j] = _fma(mix[j], lam, _widen(base[s + j]))
+                    ob[j] = _fma(mix[j], lam, _widen(bb[j]))
 
 
 # -- the driver ----------------------------------------------------------------------
@@ -339,14 +376,98 @@ class _Cut:
 
 
 def _find_cuts(reader: _Ranges, wants: list[tuple[int, int]]) -> list[_Cut]:
-    """The cut of the top k of |tau_i| for each (expert i, k), by radix select."""
+    """The cut of the top k of |tau_i| for each (expert i, k)."""
     n = reader.n
     cuts: list[_Cut | None] = [_Cut(math.inf) if k <= 0 else _Cut(-math.inf) if k >= n else None
                                for _, k in wants]
     todo = [j for j, c in enumerate(cuts) if c is None]
+    if todo:
+        _cuts_in_bands(reader, wants, todo, cuts)
+    missed = [j for j in todo if cuts[j] is None]
+    if missed:
+        _cuts_by_radix(reader, wants, missed, cuts)
+    return cuts
+
+
+def _bits(x: float) -> int:
+    return int(np.float32(x).view(np.uint32))
+
+
+def _bracket(sample: np.ndarray, n: int, k: int) -> tuple[float, float]:
+    """ops.bracket_of_sample's bracket, both ends from one partition of the sample."""
+    m, q = sample.size, k / n
+    slack = 6 * math.sqrt(m * q * (1 - q)) + 8
+    i_hi, i_lo = math.floor(q * m - slack), math.ceil(q * m + slack)
+    at = [m - i for i in (i_hi, i_lo) if 0 <= i < m]  # 1-based ranks from the bottom
+    part = np.partition(sample, [a - 1 for a in at]) if at else sample
+    hi = float(part[m - i_hi - 1]) if i_hi >= 0 else math.inf
+    lo = float(part[m - i_lo - 1]) if i_lo < m else -math.inf
+    return lo, hi
+
+
+def _cuts_in_bands(reader: _Ranges, wants, todo: list[int], cuts: list) -> None:
+    """One pass: a sample of each |tau_i| brackets its threshold (ops.bracket_of_sample);
+    the pass counts the entries above the bracket and collects those inside it, among
+    which the threshold and the tie index are found. Cuts whose bracket missed, or
+    whose bracket held too many entries to collect, stay None."""
+    samples = ops.magnitude_samples(reader.sources, sorted({wants[j][0] for j in todo}))
+    bands = {}
+    for j in todo:
+        i, k = wants[j]
+        lo, hi = _bracket(samples[i].numpy(), reader.n, k)
+        # the band holds positive magnitudes only (zeros are never told apart)
+        bands[j] = (_bits(max(lo, ops._MIN_POSITIVE)), _bits(hi) if hi < math.inf else 0x7F800000, lo <= 0)
+    above = dict.fromkeys(todo, 0)
+    pool_bits = {j: [] for j in todo}
+    pool_index = {j: [] for j in todo}
+    overflow = set()
     experts = sorted({wants[j][0] for j in todo})
-    if not todo:
-        return cuts
+    for s, e in reader.ranges():
+        arrays = reader.read(s, e, [0] + [1 + i for i in experts])
+        x_of = dict(zip(experts, arrays[1:]))
+        bounds = reader.bounds(e - s)
+        lanes = len(bounds) - 1
+        room = int(np.diff(bounds).max()) // 8 + 64  # bands hold ~1-5% of the entries
+        band_bits = np.empty((lanes, room), dtype=np.uint32)
+        band_index = np.empty((lanes, room), dtype=np.int64)
+        a = np.empty(lanes, dtype=np.int64)
+        c = np.empty(lanes, dtype=np.int64)
+        for j in todo:
+            if j in overflow:
+                continue
+            low, high, _ = bands[j]
+            _band(arrays[0], x_of[wants[j][0]], bounds, np.uint32(low), np.uint32(high), a, c, band_bits, band_index)
+            if (c > room).any():
+                overflow.add(j)
+                continue
+            above[j] += int(a.sum())
+            for lane in range(lanes):
+                pool_bits[j].append(band_bits[lane, :c[lane]].copy())
+                pool_index[j].append(band_index[lane, :c[lane]] + s)
+    for j in todo:
+        if j in overflow:
+            continue
+        pool = np.concatenate(pool_bits[j]) if pool_bits[j] else np.empty(0, dtype=np.uint32)
+        r = wants[j][1] - above[j]  # rank of the threshold inside the band, from the top
+        if r <= 0:
+            continue  # the bracket missed (above it)
+        if r > pool.size:
+            if bands[j][2]:  # every positive magnitude is in the top k: the threshold is zero
+                cuts[j] = _Cut(0.0)
+            continue
+        t = np.partition(pool, pool.size - r)[pool.size - r]
+        kept = r - int(np.count_nonzero(pool > t))  # entries equal to t that are kept
+        tied = np.concatenate(pool_index[j])[pool == t]
+        cuts[j] = _Cut(float(t.view(np.float32)), int(tied[kept - 1]) + 1)
+
+
+def _cuts_by_radix(reader: _Ranges, wants, todo: list[int], cuts: list) -> None:
+    """Cuts by radix select over |tau|'s bits: a histogram of the high 16 bits finds the
+    bucket holding the k-th largest value, a histogram of the low 16 bits of that
+    bucket's members the value; where only some entries equal to it are kept, a count
+    of them finds the flat index where they stop being kept."""
+    n = reader.n
+    experts = sorted({wants[j][0] for j in todo})
     lanes = reader.threads
     # 1. high 16 bits of |tau| per expert
     high = {i: np.zeros((lanes, _HIGH), dtype=np.int64) for i in experts}
@@ -381,33 +502,32 @@ def _find_cuts(reader: _Ranges, wants: list[tuple[int, int]]) -> list[_Cut]:
                 cuts[j] = _Cut(threshold, n)
             else:
                 partial[j] = (bits, kept)
-    # 3. where only some entries equal to the threshold are kept: the flat index after
-    # the last one kept (they go to the lowest indices)
-    if partial:
-        seen = {j: 0 for j in partial}
-        for s, e in reader.ranges():
-            if not seen:
-                break
-            experts_left = sorted({wants[j][0] for j in seen})
-            arrays = reader.read(s, e, [0] + [1 + i for i in experts_left])
-            x_of = dict(zip(experts_left, arrays[1:]))
-            bounds = reader.bounds(e - s)
-            counts = np.zeros(len(bounds) - 1, dtype=np.int64)
-            for j in list(seen):
-                bits, kept = partial[j]
-                x = x_of[wants[j][0]]
-                target = np.uint32(bits)
-                _count_equal(arrays[0], x, bounds, target, counts)
-                for lane, c in enumerate(counts.tolist()):
-                    if seen[j] + c >= kept:
-                        index = _nth_equal(arrays[0], x, bounds[lane], bounds[lane + 1], target, kept - seen[j])
-                        cuts[j] = _Cut(float(target.view(np.float32)), s + int(index) + 1)
-                        del seen[j]
-                        break
-                    seen[j] += c
-        if seen:  # cannot happen: the count above saw them
-            raise RuntimeError("top-k tie index not found")
-    return cuts
+    # 3. the flat index after the last entry equal to the threshold that is kept
+    if not partial:
+        return
+    seen = {j: 0 for j in partial}
+    for s, e in reader.ranges():
+        if not seen:
+            break
+        experts_left = sorted({wants[j][0] for j in seen})
+        arrays = reader.read(s, e, [0] + [1 + i for i in experts_left])
+        x_of = dict(zip(experts_left, arrays[1:]))
+        bounds = reader.bounds(e - s)
+        counts = np.zeros(len(bounds) - 1, dtype=np.int64)
+        for j in list(seen):
+            bits, kept = partial[j]
+            x = x_of[wants[j][0]]
+            target = np.uint32(bits)
+            _count_equal(arrays[0], x, bounds, target, counts)
+            for lane, c in enumerate(counts.tolist()):
+                if seen[j] + c >= kept:
+                    index = _nth_equal(arrays[0], x, bounds[lane], bounds[lane + 1], target, kept - seen[j])
+                    cuts[j] = _Cut(float(target.view(np.float32)), s + int(index) + 1)
+                    del seen[j]
+                    break
+                seen[j] += c
+    if seen:  # cannot happen: the count above saw them
+        raise RuntimeError("top-k tie index not found")
 
 
 def merge_ranges(sources, sparsifiers, weights: list[float], params: dict, consensus: str | None,
