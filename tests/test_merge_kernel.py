@@ -1,4 +1,4 @@
-"""The compiled task-arithmetic kernel (mergescale.merge.gta_kernel) against the torch
+"""The compiled task-arithmetic kernel (mergescale.merge.compiled) against the torch
 form it replaces: the same merged tensors, bit for bit."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergescale.merge import get_method, gta_kernel, validate_params
+from mergescale.merge import get_method, compiled, validate_params
 from mergescale.merge.methods import task_arithmetic
 from mergescale.merge.ops import TensorSource
 
-pytestmark = pytest.mark.skipif(gta_kernel.numba is None, reason="numba is not installed")
+pytestmark = pytest.mark.skipif(compiled.numba is None, reason="numba is not installed")
 
 
 def merge(method, base, experts, form, monkeypatch, threads=2, expert_params=None, **params):
@@ -113,7 +113,7 @@ def test_float16_and_mixed_dtypes_go_through_float32(monkeypatch):
 
 def test_streamed_pieces_equal_the_whole(monkeypatch):
     """Read by ranges (as a tensor on disk is), with ranges smaller than the tensor."""
-    monkeypatch.setattr(gta_kernel, "READ_ELEMENTS", 4096)
+    monkeypatch.setattr(compiled, "READ_ELEMENTS", 4096)
     base, experts = task_vectors(20000, 3, torch.bfloat16, seed=13, ties=True)
     m = get_method("ties")
     resolved = validate_params(m, {"density": 0.2}, None, n_experts=3)
@@ -131,9 +131,9 @@ def test_the_decision(monkeypatch):
                                                   False, 10, None)
     src = [TensorSource(torch.zeros(10, dtype=torch.bfloat16))]
     cpu = torch.device("cpu")
-    assert gta_kernel.compiled_merge_applies([sp("magnitude"), sp("outliers"), sp(None)], "sum", src, cpu)
-    assert not gta_kernel.compiled_merge_applies([sp("random")], "sum", src, cpu)  # draws stay torch's
-    assert not gta_kernel.compiled_merge_applies([sp("magnitude")], "count", src, cpu)
-    assert not gta_kernel.compiled_merge_applies([sp("magnitude")], "sum", src, torch.device("meta"))
+    assert compiled.compiled_merge_applies([sp("magnitude"), sp("outliers"), sp(None)], "sum", src, cpu)
+    assert not compiled.compiled_merge_applies([sp("random")], "sum", src, cpu)  # draws stay torch's
+    assert not compiled.compiled_merge_applies([sp("magnitude")], "count", src, cpu)
+    assert not compiled.compiled_merge_applies([sp("magnitude")], "sum", src, torch.device("meta"))
     monkeypatch.setenv("MERGESCALE_MERGE_KERNEL", "torch")
-    assert not gta_kernel.compiled_merge_applies([sp("magnitude")], "sum", src, cpu)
+    assert not compiled.compiled_merge_applies([sp("magnitude")], "sum", src, cpu)

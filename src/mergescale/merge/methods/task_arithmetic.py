@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 
-from mergescale.merge import gta_kernel, ops
+from mergescale.merge import compiled, ops
 from mergescale.merge.errors import MergeInputError
 from mergescale.merge.registry import Hyperparameter, register_method
 
@@ -252,9 +252,9 @@ def gta_blocks(
     sparsifiers = [_Sparsifier(sparsifier, p, params.get("rescale", False), n, generator) for p in expert_params]
     threads = torch.get_num_threads()
     device = sources[0].flat.device if getattr(sources[0], "in_memory", False) else torch.device("cpu")
-    if gta_kernel.compiled_merge_applies(sparsifiers, consensus, sources, device):
+    if compiled.compiled_merge_applies(sparsifiers, consensus, sources, device):
         weights = [p["weight"] for p in expert_params]
-        yield from gta_kernel.merge_ranges(sources, sparsifiers, weights, params, consensus, threads, out)
+        yield from compiled.merge_ranges(sources, sparsifiers, weights, params, consensus, threads, out)
         return
     randomised = any(sp.kind in ("random", "della") for sp in sparsifiers)
     # DELLA ranks within rows, so its blocks hold whole rows; 1-D tensors are one row.

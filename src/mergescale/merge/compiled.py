@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 
 import numpy as np
 import torch
@@ -45,6 +46,13 @@ try:  # numba is a dependency, but the torch form works without it
     from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
+else:
+    # numba's own thread pool, whose workers sleep between calls (OpenMP's spin, which
+    # costs CPU time that other work on a busy machine needs). It must never be entered
+    # from two threads at once: every parallel call goes through _LAUNCH.
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
+_LAUNCH = threading.RLock()
 
 # Elements per read range: each input's range stays small beside the tensor (a
 # tensor on disk is read this many elements at a time; a range of a float16 input
@@ -187,34 +195,66 @@ if numba is not None:
         return -1
 
     @_jit(parallel=True)
-    def _band(base, x, bounds, low, high, above, count, band_bits, band_index):
-        """Per lane: above[lane] = entries with |tau| bits > high; count[lane] entries
-        with bits in [low, high], stored with their indices in flat order (count[lane]
-        > band_bits.shape[1]: they did not fit)."""
-        room = band_bits.shape[1]
-        width = high - low
+    def _bands(base, experts, bounds, low, high, above, count, band_bits, band_index):
+        """Per lane and cut c (of experts[c]): above[lane, c] = entries with |tau| bits
+        > high[c]; count[lane, c] entries with bits in [low[c], high[c]], stored with
+        their indices in flat order (count > band_bits.shape[2]: they did not fit)."""
+        room = band_bits.shape[2]
         for lane in numba.prange(len(bounds) - 1):
             bits = np.empty(BLOCK, dtype=np.uint32)
-            a, c = 0, 0
+            for c in range(len(experts)):
+                above[lane, c] = count[lane, c] = 0
             for s in range(bounds[lane], bounds[lane + 1], BLOCK):
                 m = min(BLOCK, bounds[lane + 1] - s)
-                xb, bb = x[s:s + m], base[s:s + m]
-                inside = 0
-                for j in range(m):  # vectorised: counts only
-                    b = _magnitude_bits(xb[j], bb[j])
-                    bits[j] = b
-                    a += b > high
-                    inside += np.uint32(b - low) <= width  # low <= b <= high (unsigned wrap-around)
-                if inside == 0:
-                    continue
-                if c + m >= room:  # full: the caller finds this cut another way
-                    c = room + 1
-                    continue
-                for j in range(m):  # branch-free compaction: written always, kept when inside
-                    band_bits[lane, c] = bits[j]
-                    band_index[lane, c] = s + j
-                    c += np.uint32(bits[j] - low) <= width
-            above[lane], count[lane] = a, c
+                bb = base[s:s + m]
+                for c in range(len(experts)):
+                    xb, lo, hi = experts[c][s:s + m], low[c], high[c]
+                    width = hi - lo
+                    a, inside = 0, 0
+                    for j in range(m):  # vectorised: counts only
+                        b = _magnitude_bits(xb[j], bb[j])
+                        bits[j] = b
+                        a += b > hi
+                        inside += np.uint32(b - lo) <= width  # lo <= b <= hi (unsigned wrap-around)
+                    above[lane, c] += a
+                    n = count[lane, c]
+                    if inside == 0:
+                        continue
+                    if n + m >= room:  # full: the caller finds this cut another way
+                        count[lane, c] = room + 1
+                        continue
+                    for j in range(m):  # branch-free compaction: written always, kept when inside
+                        band_bits[lane, c, n] = bits[j]
+                        band_index[lane, c, n] = s + j
+                        n += np.uint32(bits[j] - lo) <= width
+                    count[lane, c] = n
+
+    @_jit()
+    def _sample_bits(base, x, step, run, out):
+        """|tau|'s bits at runs of `run` entries every `step` entries (out's size / run
+        runs): a sample that reads a few cache lines of the tensor, not all of them."""
+        for r in range(len(out) // run):
+            xr, br, o = x[r * step:r * step + run], base[r * step:r * step + run], out[r * run:(r + 1) * run]
+            for j in range(run):
+                o[j] = _magnitude_bits(xr[j], br[j])
+
+    @_jit()
+    def _count_non_finite(bits, exponent):
+        """Entries whose exponent bits (the mask `exponent`) are all ones: NaN or +-Inf.
+        Serial: it runs on the reader thread, beside a merge's parallel work."""
+        bad = 0
+        for j in range(len(bits)):
+            bad += (bits[j] & exponent) == exponent
+        return bad
+
+    @_jit()
+    def _round_to_bfloat16(bits, out):
+        """float32 bits to bfloat16 bits, rounding to nearest even (torch's rule)."""
+        for j in range(len(bits)):
+            b = bits[j]
+            rounded = (b + (np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+            nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            out[j] = np.uint16(0x7FC0) if nan else np.uint16(rounded)
 
     @_jit()
     def _trim(t, threshold):
@@ -316,6 +356,37 @@ if numba is not None:
                     ob[j] = _fma(mix[j], lam, _widen(bb[j]))
 
 
+_EXPONENT = {torch.bfloat16: (torch.int16, np.uint16, 0x7F80), torch.float16: (torch.int16, np.uint16, 0x7C00),
+             torch.float32: (torch.int32, np.uint32, 0x7F800000)}
+
+
+def count_non_finite(t: torch.Tensor) -> int:
+    """How many NaN/Inf entries a float tensor holds: on the CPU, one compiled pass over
+    its bits (torch's aminmax on bfloat16 costs several times more), else torch."""
+    if available() and t.dtype in _EXPONENT and t.device.type == "cpu" and t.is_contiguous():
+        view, np_type, exponent = _EXPONENT[t.dtype]
+        return int(_count_non_finite(t.reshape(-1).view(view).numpy().view(np_type), np_type(exponent)))
+    # min and max propagate NaN and show +-Inf: one cheap reduction instead of an
+    # elementwise isfinite mask
+    low, high = torch.aminmax(t)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), with float32 -> bfloat16 on the CPU done by a compiled serial loop
+    (the same rounding; torch's would wake its thread pool, whose spinning costs a busy
+    CPU more than the cast)."""
+    if not (available() and t.dtype == torch.float32 and dtype == torch.bfloat16 and t.device.type == "cpu"
+            and t.is_contiguous()):
+        return t.to(dtype)
+    out = torch.empty(t.shape, dtype=torch.bfloat16)
+    _round_to_bfloat16(t.reshape(-1).view(torch.int32).numpy().view(np.uint32),
+                       out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
+    return out
+
+
 # -- the driver ----------------------------------------------------------------------
 def _as_array(t: torch.Tensor, widen: bool) -> np.ndarray:
     """A flat CPU tensor as numpy without a copy: bfloat16 as its bits (uint16), float32
@@ -334,6 +405,9 @@ class _Ranges:
         # bfloat16 is read as bits only when every input is bfloat16 (one kernel per dtype)
         self.widen = dtypes != {torch.bfloat16}
         self.threads = threads
+        # whole inputs are numpy views, without a copy
+        self.in_memory_arrays = all(getattr(s, "in_memory", False) for s in sources) and \
+            (not self.widen or dtypes == {torch.float32})
 
     def ranges(self):
         for s in range(0, self.n, READ_ELEMENTS):
@@ -389,61 +463,84 @@ def _find_cuts(reader: _Ranges, wants: list[tuple[int, int]]) -> list[_Cut]:
     return cuts
 
 
-def _bits(x: float) -> int:
-    return int(np.float32(x).view(np.uint32))
+SAMPLE_RUN = 32  # entries per run of the in-memory sample (a 64-byte line of bfloat16)
 
 
-def _bracket(sample: np.ndarray, n: int, k: int) -> tuple[float, float]:
-    """ops.bracket_of_sample's bracket, both ends from one partition of the sample."""
+def _samples(reader: _Ranges, experts: list[int]) -> dict[int, np.ndarray]:
+    """A sample of each expert's |tau| as float32 bits: in memory, runs of SAMPLE_RUN
+    entries spread evenly (as many entries as ops' strided sample holds); else
+    ops.magnitude_samples (runs read from the files)."""
+    n = reader.n
+    if reader.in_memory_arrays:
+        m = n // ops._sample_step(n)
+        runs = max(1, min(n, m) // SAMPLE_RUN)
+        run = min(SAMPLE_RUN, n)
+        step = n // runs
+        arrays = reader.read(0, n, [0] + [1 + i for i in experts])
+        out = {}
+        for a, i in zip(arrays[1:], experts):
+            out[i] = np.empty(runs * run, dtype=np.uint32)
+            _sample_bits(arrays[0], a, step, run, out[i])
+        return out
+    return {i: t.numpy().view(np.uint32) for i, t in ops.magnitude_samples(reader.sources, experts).items()}
+
+
+def _bracket(sample: np.ndarray, n: int, k: int) -> tuple[int, int]:
+    """Bits (lo, hi) very probably enclosing the k-th largest of n magnitudes, from a
+    sample of their bits (ops.bracket_of_sample's rule; -inf is 0, +inf 0x7F800000)."""
     m, q = sample.size, k / n
     slack = 6 * math.sqrt(m * q * (1 - q)) + 8
     i_hi, i_lo = math.floor(q * m - slack), math.ceil(q * m + slack)
-    at = [m - i for i in (i_hi, i_lo) if 0 <= i < m]  # 1-based ranks from the bottom
-    part = np.partition(sample, [a - 1 for a in at]) if at else sample
-    hi = float(part[m - i_hi - 1]) if i_hi >= 0 else math.inf
-    lo = float(part[m - i_lo - 1]) if i_lo < m else -math.inf
+    at = [m - i - 1 for i in (i_hi, i_lo) if 0 <= i < m]  # 0-based ranks from the bottom
+    part = np.partition(sample, at) if at else sample
+    hi = int(part[m - i_hi - 1]) if i_hi >= 0 else _INF_BITS
+    lo = int(part[m - i_lo - 1]) if i_lo < m else 0
     return lo, hi
 
 
+_INF_BITS = 0x7F800000
+
+
 def _cuts_in_bands(reader: _Ranges, wants, todo: list[int], cuts: list) -> None:
-    """One pass: a sample of each |tau_i| brackets its threshold (ops.bracket_of_sample);
+    """One pass: a sample of each |tau_i| brackets its threshold (see _bracket);
     the pass counts the entries above the bracket and collects those inside it, among
     which the threshold and the tie index are found. Cuts whose bracket missed, or
     whose bracket held too many entries to collect, stay None."""
-    samples = ops.magnitude_samples(reader.sources, sorted({wants[j][0] for j in todo}))
+    samples = _samples(reader, sorted({wants[j][0] for j in todo}))
     bands = {}
     for j in todo:
         i, k = wants[j]
-        lo, hi = _bracket(samples[i].numpy(), reader.n, k)
+        lo, hi = _bracket(samples[i], reader.n, k)
         # the band holds positive magnitudes only (zeros are never told apart)
-        bands[j] = (_bits(max(lo, ops._MIN_POSITIVE)), _bits(hi) if hi < math.inf else 0x7F800000, lo <= 0)
+        bands[j] = (max(lo, 1), hi, lo == 0)
     above = dict.fromkeys(todo, 0)
     pool_bits = {j: [] for j in todo}
     pool_index = {j: [] for j in todo}
     overflow = set()
     experts = sorted({wants[j][0] for j in todo})
+    low = np.asarray([bands[j][0] for j in todo], dtype=np.uint32)
+    high = np.asarray([bands[j][1] for j in todo], dtype=np.uint32)
     for s, e in reader.ranges():
         arrays = reader.read(s, e, [0] + [1 + i for i in experts])
         x_of = dict(zip(experts, arrays[1:]))
         bounds = reader.bounds(e - s)
         lanes = len(bounds) - 1
-        room = int(np.diff(bounds).max()) // 8 + 64  # bands hold ~1-5% of the entries
-        band_bits = np.empty((lanes, room), dtype=np.uint32)
-        band_index = np.empty((lanes, room), dtype=np.int64)
-        a = np.empty(lanes, dtype=np.int64)
-        c = np.empty(lanes, dtype=np.int64)
-        for j in todo:
+        room = int(np.diff(bounds).max()) // 8 + BLOCK + 1  # bands hold ~1-5% of the entries
+        band_bits = np.empty((lanes, len(todo), room), dtype=np.uint32)
+        band_index = np.empty((lanes, len(todo), room), dtype=np.int32)
+        a = np.empty((lanes, len(todo)), dtype=np.int64)
+        c = np.empty((lanes, len(todo)), dtype=np.int64)
+        _bands(arrays[0], numba.typed.List([x_of[wants[j][0]] for j in todo]), bounds, low, high, a, c,
+               band_bits, band_index)
+        for col, j in enumerate(todo):
+            if (c[:, col] > room).any():
+                overflow.add(j)
             if j in overflow:
                 continue
-            low, high, _ = bands[j]
-            _band(arrays[0], x_of[wants[j][0]], bounds, np.uint32(low), np.uint32(high), a, c, band_bits, band_index)
-            if (c > room).any():
-                overflow.add(j)
-                continue
-            above[j] += int(a.sum())
+            above[j] += int(a[:, col].sum())
             for lane in range(lanes):
-                pool_bits[j].append(band_bits[lane, :c[lane]].copy())
-                pool_index[j].append(band_index[lane, :c[lane]] + s)
+                pool_bits[j].append(band_bits[lane, col, :c[lane, col]].copy())
+                pool_index[j].append(band_index[lane, col, :c[lane, col]].astype(np.int64) + s)
     for j in todo:
         if j in overflow:
             continue
@@ -536,11 +633,12 @@ def merge_ranges(sources, sparsifiers, weights: list[float], params: dict, conse
     per read range (a piece is valid until the next), or fills `out` (flat float32)
     and yields nothing. `sparsifiers`: task_arithmetic._Sparsifier per expert."""
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+    numba.set_num_threads(threads)  # (for this thread: the one that launches)
     reader = _Ranges(sources, threads)
     k = len(sources) - 1
     wants = [(i, q) for i, sp in enumerate(sparsifiers) for q in sp.ks]
-    cuts = iter(_find_cuts(reader, wants))
+    with _LAUNCH:
+        cuts = iter(_find_cuts(reader, wants))
     kinds = np.zeros(k, dtype=np.int64)
     high = np.zeros((k, 2), dtype=np.float32)
     low = np.zeros((k, 2), dtype=np.float32)
@@ -564,6 +662,7 @@ def merge_ranges(sources, sparsifiers, weights: list[float], params: dict, conse
         arrays = reader.read(s, e)
         experts = numba.typed.List(arrays[1:])
         dest = target[s:e] if target is not None else piece[: e - s]
-        _merge(arrays[0], experts, s, reader.bounds(e - s), *args, dest)
+        with _LAUNCH:
+            _merge(arrays[0], experts, s, reader.bounds(e - s), *args, dest)
         if target is None:
             yield s, e, torch.from_numpy(dest)
