@@ -137,3 +137,22 @@ def test_the_decision(monkeypatch):
     assert not compiled.compiled_merge_applies([sp("magnitude")], "sum", src, torch.device("meta"))
     monkeypatch.setenv("MERGESCALE_MERGE_KERNEL", "torch")
     assert not compiled.compiled_merge_applies([sp("magnitude")], "sum", src, cpu)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_count_non_finite(dtype, monkeypatch):
+    t = torch.randn(5003).to(dtype)
+    assert compiled.count_non_finite(t) == 0
+    t[[3, 100, 5002]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+    assert compiled.count_non_finite(t) == 3
+    monkeypatch.setenv("MERGESCALE_MERGE_KERNEL", "torch")  # the torch fallback counts the same
+    assert compiled.count_non_finite(t) == 3
+
+
+def test_bfloat16_cast_equals_torch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100003, generator=g) * torch.logspace(-44, 38, 100003)  # subnormals to near max
+    x[::97], x[1::97] = 0.0, -0.0
+    x[:4] = torch.tensor([float("inf"), -float("inf"), 3.4e38, 1e-45])
+    assert torch.equal(compiled.to_dtype(x, torch.bfloat16).view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    assert compiled.to_dtype(x, torch.float16).dtype == torch.float16  # other casts are torch's

@@ -1,28 +1,31 @@
-"""Compiled (numba) form of the non-random task-arithmetic merges: TIES, breadcrumbs
-(with and without TIES), task arithmetic.
+"""Compiled (numba) kernels of the merge engine: the non-random task-arithmetic merges
+(TIES, breadcrumbs with and without TIES, task arithmetic), the inputs' and outputs'
+NaN/Inf check, and the float32 -> bfloat16 cast.
 
-The torch form (mergescale.merge.methods.task_arithmetic) spends most of its time
-dispatching ~25 small operations per block and expert; here each step is one loop
-over a block, compiled. Results are bit-identical to the torch form: every float32
-operation is the one torch does, in the same order (torch.add with alpha is a fused
-multiply-add, and so is the last step here), and zeros keep the signs torch gives
-them (hardshrink writes +0, relu keeps -0, sign(+-0) is +0).
+The torch form of the merges (mergescale.merge.methods.task_arithmetic) spends most of
+its time dispatching ~25 small operations per block and expert; here each step is one
+loop over a block, compiled. Results are bit-identical to the torch form: every
+float32 operation is the one torch does, in the same order (torch.add with alpha is a
+fused multiply-add, and so is the last step here), and zeros keep the signs torch
+gives them (hardshrink writes +0, relu keeps -0, sign(+-0) is +0).
 
 bfloat16 inputs are read as their 16 bits and widened in the loops (bits << 16), so
 no float32 copy of an input is made; float32 inputs are read as they are; any other
-float dtype is converted to float32 a read range at a time.
+float dtype, or a mix, is converted to float32 a read range at a time.
 
-Each magnitude cut (the top k of |tau| with ties at the threshold going to the lowest
-flat indices, as mergescale.merge.ops.Cut) is found in linear time, by a radix select
-over |tau|'s float32 bits (for non-negative floats integer order is numeric order):
-a histogram of the high 16 bits finds the bucket holding the k-th largest value, a
-histogram of the low 16 bits of that bucket's members the value itself, and, when
-only some entries equal to it are kept, a count of those entries finds the flat index
-where they stop being kept.
+Each magnitude cut (the top k of |tau|, ties at the threshold going to the lowest flat
+indices: mergescale.merge.ops.Cut's rule) is exact and found in linear time. A sample
+of |tau| brackets the threshold; one pass over every expert at once counts the entries
+above the bracket and collects those inside it (a few percent), among which the
+threshold and the index where its ties stop being kept are selected. When the bracket
+misses, a radix select over |tau|'s float32 bits (integer order is numeric order for
+non-negative floats) finds it: a histogram of the high 16 bits, one of the low 16 bits
+inside the chosen bucket, and a count of the ties for their index.
 
 `compiled_merge_applies` is the one place that decides between this and torch.
 Compiled code is cached (numba's cache=True: next to this file, or in the user's
-cache directory when that is read-only); MERGESCALE_MERGE_KERNEL=torch turns it off.
+cache directory when that is read-only); MERGESCALE_MERGE_KERNEL=torch turns every
+kernel here off.
 """
 
 from __future__ import annotations
