@@ -111,9 +111,13 @@ def test_float16_and_mixed_dtypes_go_through_float32(monkeypatch):
                      merge("ties", base.float(), mixed, "torch", monkeypatch, density=0.2))
 
 
-def test_streamed_pieces_equal_the_whole(monkeypatch):
-    """Read by ranges (as a tensor on disk is), with ranges smaller than the tensor."""
-    monkeypatch.setattr(compiled, "READ_ELEMENTS", 4096)
+@pytest.mark.parametrize("bracket_misses", [False, True])
+def test_streamed_pieces_equal_the_whole(bracket_misses, monkeypatch):
+    """Read by ranges (as a tensor on disk is), with ranges smaller than the tensor; the
+    cuts from the sampled bracket, or from the radix select when the bracket misses."""
+    if bracket_misses:
+        monkeypatch.setattr(compiled, "_bracket", lambda sample, n, k: (0x7F000000, 0x7F000000))
+    monkeypatch.setattr(task_arithmetic, "READ_ELEMENTS", 4096)
     base, experts = task_vectors(20000, 3, torch.bfloat16, seed=13, ties=True)
     m = get_method("ties")
     resolved = validate_params(m, {"density": 0.2}, None, n_experts=3)

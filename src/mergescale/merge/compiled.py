@@ -57,10 +57,6 @@ else:
         numba.config.THREADING_LAYER = "workqueue"
 _LAUNCH = threading.RLock()
 
-# Elements per read range: each input's range stays small beside the tensor (a
-# tensor on disk is read this many elements at a time; a range of a float16 input
-# is converted to float32 whole).
-READ_ELEMENTS = 1 << 22
 # Elements per block inside a read range: a block's task vectors (one per expert)
 # stay in a core's L1/L2 cache across the steps of the merge.
 BLOCK = 2048
@@ -400,10 +396,12 @@ def _as_array(t: torch.Tensor, widen: bool) -> np.ndarray:
 
 
 class _Ranges:
-    """The inputs (base first) read range by range, as numpy arrays of one dtype."""
+    """The inputs (base first) read `size` entries at a time (a tensor on disk is never
+    held whole; a range of a float16 input is converted to float32 whole), as numpy
+    arrays of one dtype."""
 
-    def __init__(self, sources, threads: int):
-        self.sources, self.n = sources, sources[0].numel
+    def __init__(self, sources, threads: int, size: int):
+        self.sources, self.n, self.size = sources, sources[0].numel, size
         dtypes = {s.dtype for s in sources}
         # bfloat16 is read as bits only when every input is bfloat16 (one kernel per dtype)
         self.widen = dtypes != {torch.bfloat16}
@@ -413,8 +411,8 @@ class _Ranges:
             (not self.widen or dtypes == {torch.float32})
 
     def ranges(self):
-        for s in range(0, self.n, READ_ELEMENTS):
-            yield s, min(s + READ_ELEMENTS, self.n)
+        for s in range(0, self.n, self.size):
+            yield s, min(s + self.size, self.n)
 
     def read(self, s: int, e: int, which=None) -> list[np.ndarray]:
         which = range(len(self.sources)) if which is None else which
@@ -479,7 +477,7 @@ def _samples(reader: _Ranges, experts: list[int]) -> dict[int, np.ndarray]:
         runs = max(1, min(n, m) // SAMPLE_RUN)
         run = min(SAMPLE_RUN, n)
         step = n // runs
-        arrays = reader.read(0, n, [0] + [1 + i for i in experts])
+        arrays = [_as_array(reader.sources[i].flat, reader.widen) for i in [0] + [1 + i for i in experts]]
         out = {}
         for a, i in zip(arrays[1:], experts):
             out[i] = np.empty(runs * run, dtype=np.uint32)
@@ -631,13 +629,14 @@ def _cuts_by_radix(reader: _Ranges, wants, todo: list[int], cuts: list) -> None:
 
 
 def merge_ranges(sources, sparsifiers, weights: list[float], params: dict, consensus: str | None,
-                 threads: int, out: torch.Tensor | None = None):
+                 threads: int, read_elements: int, out: torch.Tensor | None = None):
     """Generalised task arithmetic, compiled: yields (start, end, merged float32 piece)
-    per read range (a piece is valid until the next), or fills `out` (flat float32)
-    and yields nothing. `sparsifiers`: task_arithmetic._Sparsifier per expert."""
+    per range of `read_elements` (a piece is valid until the next), or fills `out`
+    (flat float32) and yields nothing. `sparsifiers`: task_arithmetic._Sparsifier per
+    expert."""
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)  # (for this thread: the one that launches)
-    reader = _Ranges(sources, threads)
+    reader = _Ranges(sources, threads, read_elements)
     k = len(sources) - 1
     wants = [(i, q) for i, sp in enumerate(sparsifiers) for q in sp.ks]
     with _LAUNCH:
@@ -659,7 +658,7 @@ def merge_ranges(sources, sparsifiers, weights: list[float], params: dict, conse
     total = np.float32(total if abs(total) >= 1e-8 else 1.0)
     args = (kinds, high, low, cutoff, rescale, w, consensus is not None, bool(params["normalize"]),
             len(set(weights)) == 1, total, np.float32(params["lambda"]))
-    piece = None if out is not None else np.empty(min(READ_ELEMENTS, reader.n), dtype=np.float32)
+    piece = None if out is not None else np.empty(min(read_elements, reader.n), dtype=np.float32)
     target = out.numpy() if out is not None else None
     for s, e in reader.ranges():
         arrays = reader.read(s, e)

@@ -254,7 +254,8 @@ def gta_blocks(
     device = sources[0].flat.device if getattr(sources[0], "in_memory", False) else torch.device("cpu")
     if compiled.compiled_merge_applies(sparsifiers, consensus, sources, device):
         weights = [p["weight"] for p in expert_params]
-        yield from compiled.merge_ranges(sources, sparsifiers, weights, params, consensus, threads, out)
+        yield from compiled.merge_ranges(sources, sparsifiers, weights, params, consensus, threads, READ_ELEMENTS,
+                                         out)
         return
     randomised = any(sp.kind in ("random", "della") for sp in sparsifiers)
     # DELLA ranks within rows, so its blocks hold whole rows; 1-D tensors are one row.
