@@ -531,7 +531,7 @@ def _cuts_in_bands(reader: _Ranges, wants, todo: list[int], cuts: list) -> None:
         band_index = np.empty((lanes, len(todo), room), dtype=np.int32)
         a = np.empty((lanes, len(todo)), dtype=np.int64)
         c = np.empty((lanes, len(todo)), dtype=np.int64)
-        _bands(arrays[0], numba.typed.List([x_of[wants[j][0]] for j in todo]), bounds, low, high, a, c,
+        _bands(arrays[0], tuple(x_of[wants[j][0]] for j in todo), bounds, low, high, a, c,
                band_bits, band_index)
         for col, j in enumerate(todo):
             if (c[:, col] > room).any():
@@ -662,7 +662,7 @@ def merge_ranges(sources, sparsifiers, weights: list[float], params: dict, conse
     target = out.numpy() if out is not None else None
     for s, e in reader.ranges():
         arrays = reader.read(s, e)
-        experts = numba.typed.List(arrays[1:])
+        experts = tuple(arrays[1:])  # (a tuple: numba's typed list compiles itself anew in every process)
         dest = target[s:e] if target is not None else piece[: e - s]
         with _LAUNCH:
             _merge(arrays[0], experts, s, reader.bounds(e - s), *args, dest)
