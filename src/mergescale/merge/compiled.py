@@ -364,7 +364,7 @@ def count_non_finite(t: torch.Tensor) -> int:
     its bits (torch's aminmax on bfloat16 costs several times more), else torch."""
     if available() and t.dtype in _EXPONENT and t.device.type == "cpu" and t.is_contiguous():
         view, np_type, exponent = _EXPONENT[t.dtype]
-        return int(_count_non_finite(t.reshape(-1).view(view).numpy().view(np_type), np_type(exponent)))
+        return int(_count_non_finite(t.detach().reshape(-1).view(view).numpy().view(np_type), np_type(exponent)))
     # min and max propagate NaN and show +-Inf: one cheap reduction instead of an
     # elementwise isfinite mask
     low, high = torch.aminmax(t)
@@ -381,7 +381,7 @@ def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             and t.is_contiguous()):
         return t.to(dtype)
     out = torch.empty(t.shape, dtype=torch.bfloat16)
-    _round_to_bfloat16(t.reshape(-1).view(torch.int32).numpy().view(np.uint32),
+    _round_to_bfloat16(t.detach().reshape(-1).view(torch.int32).numpy().view(np.uint32),
                        out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
     return out
 
@@ -391,8 +391,8 @@ def _as_array(t: torch.Tensor, widen: bool) -> np.ndarray:
     """A flat CPU tensor as numpy without a copy: bfloat16 as its bits (uint16), float32
     as is; other floats (or any input when `widen`) converted to float32."""
     if not widen and t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.to(torch.float32).numpy()
+        return t.detach().view(torch.int16).numpy().view(np.uint16)
+    return t.detach().to(torch.float32).numpy()
 
 
 class _Ranges:
