@@ -160,3 +160,16 @@ def test_bfloat16_cast_equals_torch():
     x[:4] = torch.tensor([float("inf"), -float("inf"), 3.4e38, 1e-45])
     assert torch.equal(compiled.to_dtype(x, torch.bfloat16).view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
     assert compiled.to_dtype(x, torch.float16).dtype == torch.float16  # other casts are torch's
+
+
+def test_without_numba_everything_is_torch(monkeypatch):
+    """Where numba does not import, the merge, the NaN/Inf count and the cast are torch's."""
+    monkeypatch.delenv("MERGESCALE_MERGE_KERNEL", raising=False)
+    base, experts = task_vectors(5000, 2, torch.bfloat16, seed=17, ties=True)
+    with_numba = merge("ties", base, experts, "numba", monkeypatch, density=0.2)
+    monkeypatch.setattr(compiled, "numba", None)
+    monkeypatch.setattr(compiled, "merge_ranges", None)  # would fail if reached
+    assert not compiled.available()
+    assert identical(merge("ties", base, experts, "numba", monkeypatch, density=0.2), with_numba)
+    assert compiled.count_non_finite(torch.tensor([1.0, float("nan")])) == 1
+    assert compiled.to_dtype(torch.ones(3), torch.bfloat16).dtype == torch.bfloat16
