@@ -40,6 +40,7 @@ from tqdm import tqdm
 from mergescale.io_utils import OutputWriteError, atomic_directory, reporting_write_errors
 import mergescale.merge.card as card_module
 from mergescale.merge.checkpoint import Checkpoint
+from mergescale.merge.compiled import count_non_finite, to_dtype
 from mergescale.merge.errors import MergeInputError
 from mergescale.merge.layout import MergeLayout, TensorJob
 from mergescale.merge.ops import SCRATCH, tensor_seed
@@ -213,8 +214,7 @@ def _merge_one(
         raise MergeInputError(f"{method.name}, tensor {name!r}: {e}") from e
     if tuple(merged.shape) != tuple(experts[0].shape):
         raise RuntimeError(f"{method.name} returned shape {list(merged.shape)} for {name!r}")
-    low, high = torch.aminmax(merged)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+    if count_non_finite(merged):
         raise MergeInputError(
             f"{method.name} produced NaN/Inf for tensor {name!r}; check the hyperparameters"
         )
@@ -245,10 +245,9 @@ def _merge_blocks(method: MergeMethod, sources: list, has_base: bool, expert_par
             raise MergeInputError(f"{method.name}, tensor {name!r}: {e}") from e
         if item is None:
             return
-        low, high = torch.aminmax(item[2])
-        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        if count_non_finite(item[2]):
             raise MergeInputError(f"{method.name} produced NaN/Inf for tensor {name!r}; check the hyperparameters")
-        yield item[2].to(out_dtype)
+        yield to_dtype(item[2], out_dtype)
 
 
 def _streamed(method: MergeMethod, checkpoints: list[Checkpoint], job: TensorJob, nbytes: int,
@@ -443,7 +442,7 @@ def _stream(
                 else:  # integer buffers (e.g. position ids) are not merged: copy the reference
                     merged = tensors[0]
                 del tensors
-                writer.write(name, merged.to(planned.dtype).cpu())
+                writer.write(name, to_dtype(merged, planned.dtype).cpu())
                 n_parameters += merged.numel()
                 del merged
             bar.update(1)

@@ -387,6 +387,26 @@ def bracket_of_sample(sample: torch.Tensor, n: int, k: int) -> tuple[float, floa
     return _bracket(sample, n, k)
 
 
+def sample_runs(n: int, runs: int = 256, run: int = 1024) -> list[tuple[int, int]]:
+    """Evenly spaced ranges sampling a tensor on disk with few reads."""
+    if n <= runs * run:
+        return [(0, n)]
+    return [(i * n // runs, i * n // runs + run) for i in range(runs)]
+
+
+def magnitude_samples(sources, experts: list[int]) -> dict[int, torch.Tensor]:
+    """A sample of |tau_i| = |expert_i - base| (float32) for each expert i, from the
+    flat sources (base first): strided in memory, evenly spaced runs of a tensor on disk."""
+    n = sources[0].numel
+    if all(getattr(s, "in_memory", False) for s in sources):
+        step = _sample_step(n)
+        base = sources[0].flat[::step]
+        return {i: f32(sources[1 + i].flat[::step]).sub_(base).abs_() for i in experts}
+    runs = sample_runs(n)
+    base = torch.cat([sources[0].read(s, e) for s, e in runs]).float()
+    return {i: torch.cat([sources[1 + i].read(s, e) for s, e in runs]).float().sub_(base).abs_() for i in experts}
+
+
 def bucket_bracket(hist: torch.Tensor, k: int) -> tuple[float, float]:
     """(lo, hi): the range of the high-16-bit bucket holding the k-th largest score."""
     bucket, _, _ = _top_of(hist, k)

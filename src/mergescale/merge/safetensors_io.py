@@ -28,6 +28,7 @@ import torch
 
 from mergescale.io_utils import reporting_write_errors
 from mergescale.merge.errors import MergeInputError
+from mergescale.merge.compiled import count_non_finite
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -244,9 +245,8 @@ class FileSource:
                           (end - start) * self._itemsize)
         t = read_tensor(self.fd, part, self.path)
         if t.is_floating_point() and t.numel():
-            low, high = torch.aminmax(t)
-            if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-                bad = int((~torch.isfinite(t)).sum())
+            bad = count_non_finite(t)
+            if bad:
                 raise MergeInputError(f"tensor {self.name!r} in {self.path} contains {bad} NaN/Inf values "
                                       f"(among elements {start}..{end})")
         return t

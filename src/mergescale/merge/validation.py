@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from mergescale.merge import compiled
 from mergescale.merge.checkpoint import Checkpoint
 from mergescale.merge.errors import MergeInputError
 
@@ -150,11 +151,8 @@ def check_finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> Non
     """Raise naming the tensor and file if a float tensor holds NaN or Inf."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
-    # min and max propagate NaN and show +-Inf: one cheap reduction instead of an
-    # elementwise isfinite mask over every input tensor
-    low, high = torch.aminmax(tensor)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-        bad = int((~torch.isfinite(tensor)).sum())
+    bad = compiled.count_non_finite(tensor)
+    if bad:
         raise MergeInputError(
             f"tensor {name!r} in {checkpoint.file_of(name)} contains {bad} NaN/Inf values"
         )

@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 
-from mergescale.merge import ops
+from mergescale.merge import compiled, ops
 from mergescale.merge.errors import MergeInputError
 from mergescale.merge.registry import Hyperparameter, register_method
 
@@ -165,13 +165,6 @@ class _Blocks:
             return list(pool.map(lambda lane: work(*lane), lanes))
 
 
-def _sample_runs(n: int, runs: int = 256, run: int = 1024) -> list[tuple[int, int]]:
-    """Evenly spaced ranges sampling a tensor on disk with few reads."""
-    if n <= runs * run:
-        return [(0, n)]
-    return [(i * n // runs, i * n // runs + run) for i in range(runs)]
-
-
 def _find_cuts(blocks: _Blocks, sparsifiers: list[_Sparsifier]) -> None:
     """Every magnitude sparsifier's cuts, from one pass over the blocks (two more for
     any whose bracket from a sample missed)."""
@@ -179,17 +172,9 @@ def _find_cuts(blocks: _Blocks, sparsifiers: list[_Sparsifier]) -> None:
     wants = [(i, k) for i, sp in enumerate(sparsifiers) for k in sp.ks]
     cuts: list[ops.Cut | None] = [ops.cut_trivial(n, k) for _, k in wants]
     brackets: list[tuple[float, float] | None] = [None] * len(wants)
-    # a sample of each task vector's magnitudes brackets its threshold: strided in
-    # memory, evenly spaced runs of a tensor on disk (a miss costs a histogram pass)
-    if blocks.in_memory:
-        step = ops._sample_step(n)
-        base = blocks.sources[0].flat[::step]
-        samples = {i: ops.f32(blocks.sources[1 + i].flat[::step]).sub_(base).abs_() for i, _ in wants}
-    else:
-        runs = _sample_runs(n)
-        base = torch.cat([blocks.sources[0].read(s, e) for s, e in runs]).float()
-        samples = {i: torch.cat([blocks.sources[1 + i].read(s, e) for s, e in runs]).float().sub_(base).abs_()
-                   for i, _ in wants}
+    # a sample of each task vector's magnitudes brackets its threshold (a miss costs a
+    # histogram pass)
+    samples = ops.magnitude_samples(blocks.sources, sorted({i for i, _ in wants}))
     brackets = [None if cuts[j] else ops.bracket_of_sample(samples[i], n, k) for j, (i, k) in enumerate(wants)]
     experts = sorted({i for i, _ in wants})
 
@@ -265,10 +250,16 @@ def gta_blocks(
     sources = [ops.as_source(base)] + [ops.as_source(x) for x in experts]
     shape, n = sources[0].shape, sources[0].numel
     sparsifiers = [_Sparsifier(sparsifier, p, params.get("rescale", False), n, generator) for p in expert_params]
+    threads = torch.get_num_threads()
+    device = sources[0].flat.device if getattr(sources[0], "in_memory", False) else torch.device("cpu")
+    if compiled.compiled_merge_applies(sparsifiers, consensus, sources, device):
+        weights = [p["weight"] for p in expert_params]
+        yield from compiled.merge_ranges(sources, sparsifiers, weights, params, consensus, threads, READ_ELEMENTS,
+                                         out)
+        return
     randomised = any(sp.kind in ("random", "della") for sp in sparsifiers)
     # DELLA ranks within rows, so its blocks hold whole rows; 1-D tensors are one row.
     row = (shape[-1] if len(shape) >= 2 else n) if sparsifier == "della" else 1
-    threads = torch.get_num_threads()
     blocks = _Blocks(sources, n, BLOCK_ELEMENTS, threads)
     if randomised or blocks.device.type != "cpu":
         # draws follow the block order (one worker, blocks of whole rows); a GPU wants
